@@ -1,0 +1,171 @@
+"""``compile_model``: read a model, export it, run the passes, build for the target, and write
+the artifact (complete or absent: built in a temporary directory, renamed into place)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import tvm
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from relaxlm import frontends, passes, targets
+from relaxlm.runtime.artifact import CONFIG_FILE, FORMAT_VERSION, sha256_of
+
+PAGE_SIZE = 16
+MAX_PREFILL_CHUNK = 1024
+SHARD_BYTES = 1 << 29
+
+
+class CompileError(Exception):
+    """A compile request that cannot be carried out; the message says what to do."""
+
+
+class _Phases:
+    """Times each phase and reports it on stderr."""
+
+    def __init__(self, verbose: bool):
+        self.verbose = verbose
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        if self.verbose:
+            print(f"  {name:<8} {self.seconds[name]:6.1f} s", file=sys.stderr)
+
+
+def default_output(source_name: str, quantization: str, target_name: str) -> Path:
+    """``dist/<name>-<quantization>-<target>`` under the working directory."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{source_name}-{quantization}-{target_name.replace(':', '-')}")
+    return Path("dist") / safe
+
+
+def compile_model(model: str | os.PathLike, target: str = "llvm", quantization: str | None = None,
+                  output: str | os.PathLike | None = None, *, context_window: int | None = None,
+                  prefill_chunk: int | None = None, debug_dump: str | os.PathLike | None = None,
+                  verbose: bool = False) -> Path:
+    """Compile ``model`` (a HF directory, a ``.gguf`` file or a bundled alias) for ``target``
+    with ``quantization`` (default: the target's) and return the artifact directory."""
+    resolved = targets.resolve(target)
+    scheme = passes.get_scheme(quantization or resolved.recipe.default_quantization)
+    phases = _Phases(verbose)
+    with phases("read"):
+        source = frontends.open_source(model)
+    try:
+        name = str(model) if str(model) in frontends.BUNDLED else source.name
+        out = Path(output) if output else default_output(name, scheme.name, resolved.name)
+        if verbose:
+            print(f"relaxlm: compiling {model} for {resolved.name} at {scheme.name}", file=sys.stderr)
+        return _compile(source, resolved, scheme, out, phases, context_window, prefill_chunk,
+                        Path(debug_dump) if debug_dump else None, verbose)
+    finally:
+        source.close()
+
+
+def _compile(source, resolved, scheme, out: Path, phases: _Phases, context_window, prefill_chunk,
+             debug_dump, verbose) -> Path:
+    architecture, family = frontends.family_for(source.config)
+    config = family.config_class.from_hf(source.config)
+    context = min(context_window or config.context_window_size, config.context_window_size)
+    chunk = min(prefill_chunk or MAX_PREFILL_CHUNK, context)
+    with phases("export"):
+        module = scheme.quantize_module(family.model_class(config, dtype=scheme.model_dtype))
+        mod, named_params = module.export()
+        mod = passes.dispatch_kv_cache(mod, module.kv_cache_spec(), resolved.target)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with phases("build"):
+            pipeline = passes.relax_pipeline(resolved.target, resolved.recipe.schedule_rules(), debug_dump)
+            executable = tvm.compile(mod, resolved.target, relax_pipeline=pipeline)
+            executable.export_library(str(staging / resolved.recipe.library_file))
+        with phases("weights"):
+            params = [(n, tuple(int(d) for d in p.shape), p.dtype) for n, p in named_params]
+            fixup = frontends.tensor_fixup(family, source, config)
+            weights = _write_weights(staging, scheme, frontends.convert_weights(source, params, fixup), len(params), verbose)
+        with phases("tokenizer"):
+            has_tokenizer = source.save_tokenizer(staging)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "architecture": architecture,
+            "family": family.name,
+            "model_config": source.config,
+            "quantization": scheme.name,
+            "model_dtype": scheme.model_dtype,
+            "target": resolved.name,
+            "device": resolved.recipe.device,
+            "library": resolved.recipe.library_file,
+            "vocab_size": config.vocab_size,
+            "context_window_size": context,
+            "prefill_chunk_size": chunk,
+            "page_size": PAGE_SIZE,
+            "sliding_window": config.sliding_window,
+            "stage_count": 1,
+            "params": [n for n, _ in named_params],
+            "weights": weights,
+            "tokenizer": {"present": has_tokenizer, "eos_token_ids": _eos_ids(source.config, staging)},
+            "generation": {"temperature": 0.0, "max_tokens": 256},
+        }
+        (staging / CONFIG_FILE).write_text(json.dumps(manifest, indent=2, default=str))
+        _replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if verbose:
+        total = sum(phases.seconds.values())
+        print(f"relaxlm: wrote {out} in {total:.1f} s", file=sys.stderr)
+    return out
+
+
+def _write_weights(staging: Path, scheme, converted, count: int, verbose: bool) -> dict[str, str]:
+    """Write converted weights as safetensors shards; returns {file: sha256}."""
+    shards: list[dict] = [{}]
+    size = 0
+    for name, array in tqdm(converted, total=count, desc="converting weights", unit="tensor",
+                            disable=not verbose, file=sys.stderr):
+        for key, stored in scheme.convert(name, array).items():
+            if size and size + stored.nbytes > SHARD_BYTES:
+                shards.append({})
+                size = 0
+            shards[-1][key] = stored
+            size += stored.nbytes
+    checksums = {}
+    for i, shard in enumerate(shards):
+        file = staging / f"params_shard_{i}.safetensors"
+        save_file(shard, str(file))
+        checksums[file.name] = sha256_of(file)
+    return checksums
+
+
+def _eos_ids(hf_config: dict, staging: Path) -> list[int]:
+    ids = hf_config.get("eos_token_id")
+    generation_file = staging / "generation_config.json"
+    if generation_file.is_file():
+        ids = json.loads(generation_file.read_text()).get("eos_token_id", ids)
+    if ids is None:
+        return []
+    return [int(i) for i in (ids if isinstance(ids, list) else [ids])]
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Move the finished artifact into place, replacing an older one only once it is complete."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)

