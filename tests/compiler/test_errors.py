@@ -1,0 +1,85 @@
+"""Bad input gives one line on stderr, a non-zero exit, and no artifact left behind."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from llama_specs import LLAMA_SPECS
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "relaxlm.compiler.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("relaxlm: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tiny_models):
+    return tiny_models(LLAMA_SPECS["gqa_tied_fp16"]).hf_dir
+
+
+def _compile_fails(model, tmp_path, *options, expect=()):
+    out = tmp_path / "out"
+    result = run_cli("compile", model, "--output", out, *options)
+    assert_one_line_error(result, *expect)
+    assert list(tmp_path.iterdir()) == [] or not any(p.name.startswith((".out", "out")) for p in tmp_path.iterdir())
+
+
+def test_missing_path(tmp_path):
+    _compile_fails(tmp_path / "nowhere", tmp_path, expect=("no such file or directory",))
+
+
+def test_directory_without_config(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    _compile_fails(model, tmp_path, expect=("no config.json",))
+
+
+def test_unsupported_architecture(tmp_path, hf_dir):
+    model = tmp_path / "model"
+    shutil.copytree(hf_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (model / "config.json").write_text(json.dumps(config))
+    _compile_fails(model, tmp_path, expect=("GPT2LMHeadModel", "LlamaForCausalLM"))
+
+
+def test_truncated_safetensors(tmp_path, hf_dir):
+    model = tmp_path / "model"
+    shutil.copytree(hf_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    _compile_fails(model, tmp_path, expect=("model.safetensors", "truncated"))
+
+
+def test_unknown_target(tmp_path, hf_dir):
+    _compile_fails(hf_dir, tmp_path, "--target", "tpu", expect=("unknown target 'tpu'", "llvm"))
+
+
+def test_unknown_quantization(tmp_path, hf_dir):
+    _compile_fails(hf_dir, tmp_path, "--quantization", "q3f7", expect=("unknown quantization 'q3f7'", "q0f32"))
+
+
+def test_prompt_longer_than_context_window(tiny_models):
+    tiny = tiny_models(LLAMA_SPECS["gqa_tied_fp16"])
+    prompt = " ".join(["w1"] * 200)
+    result = run_cli("generate", tiny.artifact, "--prompt", prompt, "--max-tokens", "4")
+    assert_one_line_error(result, "context window of 128")
+
+
+def test_generate_works_on_good_input(tiny_models):
+    tiny = tiny_models(LLAMA_SPECS["gqa_tied_fp16"])
+    result = run_cli("generate", tiny.artifact, "--prompt", "w1 w2 w3", "--max-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert all(word.startswith("w") for word in result.stdout.split())

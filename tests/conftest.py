@@ -1,0 +1,102 @@
+"""Shared fixtures. The reference is HF transformers on the CPU; every test model is built with
+random weights, saved with ``save_pretrained`` and compiled once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+# TVM pins the main thread on first use and torch threads would inherit the pin (TVM_NOTES trap 5).
+os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+
+from relaxlm.compiler import compile_model
+from relaxlm.runtime import load
+
+VOCAB = 96
+WORDS = [f"w{i}" for i in range(VOCAB - 3)]
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """‖actual − expected‖ / ‖expected‖."""
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def save_word_tokenizer(directory: Path) -> None:
+    """A tiny whitespace word-level tokenizer over the test vocabulary (ids 0–2 special)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(directory)
+
+
+@dataclasses.dataclass
+class TinyModel:
+    """A random HF model, its saved directory and its compiled artifact."""
+
+    name: str
+    reference: torch.nn.Module
+    hf_dir: Path
+    artifact: Path
+
+    @property
+    def model(self):
+        """The loaded artifact (loaded once per test model)."""
+        if not hasattr(self, "_loaded"):
+            self._loaded = load(self.artifact)
+        return self._loaded
+
+    def reference_logits(self, token_ids: list[int]) -> np.ndarray:
+        """transformers' float32 logits at every position of ``token_ids``."""
+        with torch.no_grad():
+            return self.reference(torch.tensor([token_ids])).logits[0].float().numpy()
+
+
+@dataclasses.dataclass(frozen=True)
+class TinySpec:
+    """How to build one tiny test model."""
+
+    name: str
+    make: Callable[[], torch.nn.Module]
+    save_dtype: torch.dtype = torch.float32
+    shard_size: str | None = None
+    compile_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _build(spec: TinySpec, root: Path) -> TinyModel:
+    torch.manual_seed(0)
+    hf_dir = root / spec.name
+    model = spec.make().eval().to(spec.save_dtype)
+    model.save_pretrained(hf_dir, **({"max_shard_size": spec.shard_size} if spec.shard_size else {}))
+    # The reference computes in float32 with the weights exactly as stored.
+    reference = model.to(torch.float32)
+    save_word_tokenizer(hf_dir)
+    artifact = compile_model(hf_dir, target="llvm", quantization="q0f32", output=root / f"{spec.name}-artifact",
+                             **spec.compile_options)
+    return TinyModel(spec.name, reference, hf_dir, artifact)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Callable[[TinySpec], TinyModel]:
+    """Builds and compiles a tiny model per spec, once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    cache: dict[str, TinyModel] = {}
+
+    def get(spec: TinySpec) -> TinyModel:
+        if spec.name not in cache:
+            cache[spec.name] = _build(spec, root)
+        return cache[spec.name]
+
+    return get
