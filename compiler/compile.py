@@ -4,6 +4,7 @@ the artifact (complete or absent: built in a temporary directory, renamed into p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -37,13 +38,17 @@ class _Phases:
         self.verbose = verbose
         self.seconds: dict[str, float] = {}
 
+    def record(self, name: str, seconds: float) -> None:
+        """Note that phase ``name`` took ``seconds``."""
+        self.seconds[name] = seconds
+        if self.verbose:
+            print(f"  {name:<9} {seconds:6.1f} s", file=sys.stderr)
+
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         yield
-        self.seconds[name] = time.perf_counter() - start
-        if self.verbose:
-            print(f"  {name:<8} {self.seconds[name]:6.1f} s", file=sys.stderr)
+        self.record(name, time.perf_counter() - start)
 
 
 def default_output(source_name: str, quantization: str, target_name: str) -> Path:
@@ -61,52 +66,70 @@ def compile_model(model: str | os.PathLike, target: str = "llvm", quantization: 
     resolved = targets.resolve(target)
     scheme = passes.get_scheme(quantization or resolved.recipe.default_quantization)
     phases = _Phases(verbose)
-    with phases("read"):
-        source = frontends.open_source(model)
+    start = time.perf_counter()
+    source = frontends.open_source(model)
     try:
+        # Everything that can reject the input runs before the first line of progress.
+        architecture, family = frontends.family_for(source.config)
+        config = family.config_class.from_hf(source.config)
         name = str(model) if str(model) in frontends.BUNDLED else source.name
         out = Path(output) if output else default_output(name, scheme.name, resolved.name)
         if verbose:
-            print(f"relaxlm: compiling {model} for {resolved.name} at {scheme.name}", file=sys.stderr)
-        return _compile(source, resolved, scheme, out, phases, context_window, prefill_chunk,
-                        Path(debug_dump) if debug_dump else None, verbose)
+            print(f"relaxlm: compiling {model} ({architecture}) for {resolved.name} at {scheme.name}", file=sys.stderr)
+        phases.record("read", time.perf_counter() - start)
+        build = _Build(source, architecture, family, config, resolved, scheme,
+                       Path(debug_dump) if debug_dump else None)
+        return _write_artifact(build, out, phases, context_window, prefill_chunk, verbose)
     finally:
         source.close()
 
 
-def _compile(source, resolved, scheme, out: Path, phases: _Phases, context_window, prefill_chunk,
-             debug_dump, verbose) -> Path:
-    architecture, family = frontends.family_for(source.config)
-    config = family.config_class.from_hf(source.config)
+@dataclasses.dataclass
+class _Build:
+    """What one compile works from."""
+
+    source: frontends.ModelSource
+    architecture: str
+    family: frontends.Family
+    config: frontends.ModelConfig
+    resolved: targets.ResolvedTarget
+    scheme: passes.QuantizationScheme
+    debug_dump: Path | None
+
+
+def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefill_chunk, verbose) -> Path:
+    config = b.config
     context = min(context_window or config.context_window_size, config.context_window_size)
     chunk = min(prefill_chunk or MAX_PREFILL_CHUNK, context)
     with phases("export"):
-        module = scheme.quantize_module(family.model_class(config, dtype=scheme.model_dtype))
+        module = b.scheme.quantize_module(b.family.model_class(config, dtype=b.scheme.model_dtype))
         mod, named_params = module.export()
-        mod = passes.dispatch_kv_cache(mod, module.kv_cache_spec(), resolved.target)
+        mod = passes.dispatch_kv_cache(mod, module.kv_cache_spec(), b.resolved.target)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         with phases("build"):
-            pipeline = passes.relax_pipeline(resolved.target, resolved.recipe.schedule_rules(), debug_dump)
-            executable = tvm.compile(mod, resolved.target, relax_pipeline=pipeline)
-            executable.export_library(str(staging / resolved.recipe.library_file))
+            recipe = b.resolved.recipe
+            pipeline = passes.relax_pipeline(b.resolved.target, recipe.schedule_rules(), b.debug_dump)
+            executable = tvm.compile(mod, b.resolved.target, relax_pipeline=pipeline)
+            executable.export_library(str(staging / recipe.library_file))
         with phases("weights"):
             params = [(n, tuple(int(d) for d in p.shape), p.dtype) for n, p in named_params]
-            fixup = frontends.tensor_fixup(family, source, config)
-            weights = _write_weights(staging, scheme, frontends.convert_weights(source, params, fixup), len(params), verbose)
+            fixup = frontends.tensor_fixup(b.family, b.source, config)
+            converted = frontends.convert_weights(b.source, params, fixup)
+            weights = _write_weights(staging, b.scheme, converted, len(params), verbose)
         with phases("tokenizer"):
-            has_tokenizer = source.save_tokenizer(staging)
+            has_tokenizer = b.source.save_tokenizer(staging)
         manifest = {
             "format_version": FORMAT_VERSION,
-            "architecture": architecture,
-            "family": family.name,
-            "model_config": source.config,
-            "quantization": scheme.name,
-            "model_dtype": scheme.model_dtype,
-            "target": resolved.name,
-            "device": resolved.recipe.device,
-            "library": resolved.recipe.library_file,
+            "architecture": b.architecture,
+            "family": b.family.name,
+            "model_config": b.source.config,
+            "quantization": b.scheme.name,
+            "model_dtype": b.scheme.model_dtype,
+            "target": b.resolved.name,
+            "device": recipe.device,
+            "library": recipe.library_file,
             "vocab_size": config.vocab_size,
             "context_window_size": context,
             "prefill_chunk_size": chunk,
@@ -115,7 +138,7 @@ def _compile(source, resolved, scheme, out: Path, phases: _Phases, context_windo
             "stage_count": 1,
             "params": [n for n, _ in named_params],
             "weights": weights,
-            "tokenizer": {"present": has_tokenizer, "eos_token_ids": _eos_ids(source.config, staging)},
+            "tokenizer": {"present": has_tokenizer, "eos_token_ids": _eos_ids(b.source.config, staging)},
             "generation": {"temperature": 0.0, "max_tokens": 256},
         }
         (staging / CONFIG_FILE).write_text(json.dumps(manifest, indent=2, default=str))

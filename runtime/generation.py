@@ -34,7 +34,8 @@ def generate_tokens(model: Model, prompt_ids: Sequence[int], max_tokens: int, sa
     """Yield sampled token ids until ``max_tokens``, a stop id, or the context window."""
     if len(prompt_ids) >= model.context_window:
         raise GenerationError(
-            f"the prompt has {len(prompt_ids)} tokens but the context window is {model.context_window}; shorten it"
+            f"the prompt has {len(prompt_ids)} tokens, which fills the context window of {model.context_window}; "
+            "shorten it"
         )
     sampler = Sampler(sampling)
     history = list(prompt_ids)
