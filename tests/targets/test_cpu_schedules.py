@@ -1,0 +1,69 @@
+"""The llvm target's NT-matmul schedule rule. Reference: the same kernel built unscheduled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te, tirx
+
+from relaxlm.targets import resolve
+from relaxlm.targets.cpu_schedules import NTMatmul
+
+
+@pytest.fixture(scope="module")
+def target():
+    return resolve("llvm").target
+
+
+def nt_matmul(rows, out_features: int, in_features: int, residual: bool = False) -> tirx.PrimFunc:
+    """``[1, rows, in] x [out, in]^T`` as FuseTransposeMatmul leaves it, optionally ``+ residual``."""
+    x = te.placeholder((1, rows, in_features), name="x")
+    w = te.placeholder((out_features, in_features), name="w")
+    k = te.reduce_axis((0, in_features), name="k")
+    y = te.compute((1, rows, out_features), lambda b, i, j: te.sum(x[b, i, k] * w[j, k], axis=k), name="NT_matmul")
+    if not residual:
+        return te.create_prim_func([x, w, y])
+    r = te.placeholder((1, rows, out_features), name="r")
+    out = te.compute(y.shape, lambda b, i, j: y[b, i, j] + r[b, i, j], name="T_add")
+    return te.create_prim_func([x, w, r, out])
+
+
+def run(func: tirx.PrimFunc, target, args: list[np.ndarray], out_shape) -> np.ndarray:
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(out_shape, "float32"), dev)
+    lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
+    return out.numpy()
+
+
+def test_decode_gemv_is_parallel_and_vectorised(target):
+    sch = NTMatmul().apply(nt_matmul(1, 96, 64), target, False)
+    assert sch is not None
+    script = sch.mod["main"].script()
+    assert "T.parallel" in script and "T.vectorized" in script
+
+
+@pytest.mark.parametrize("rows, residual", [(1, False), (1, True), (5, True)])
+def test_scheduled_matches_unscheduled(target, rows, residual):
+    rng = np.random.default_rng(0)
+    seq_len = tirx.Var("seq_len", "int64")
+    func = nt_matmul(seq_len if rows > 1 else 1, 48, 80, residual)
+    sch = NTMatmul().apply(func, target, False)
+    assert sch is not None
+    args = [rng.standard_normal((1, rows, 80), dtype="float32"), rng.standard_normal((48, 80), dtype="float32")]
+    if residual:
+        args.append(rng.standard_normal((1, rows, 48), dtype="float32"))
+    expected = run(func, target, args, (1, rows, 48))
+    np.testing.assert_allclose(run(sch.mod["main"], target, args, (1, rows, 48)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_other_kernels_are_left_alone(target):
+    x = te.placeholder((4, 64), name="x")
+    k = te.reduce_axis((0, 64), name="k")
+    row_sum = te.compute((4,), lambda i: te.sum(x[i, k] * x[i, k], axis=k), name="sum_sq")
+    w = te.placeholder((64, 32), name="w")  # [in, out]: not the NT layout
+    k2 = te.reduce_axis((0, 64), name="k")
+    nn = te.compute((4, 32), lambda i, j: te.sum(x[i, k2] * w[k2, j], axis=k2), name="NN_matmul")
+    for func in (te.create_prim_func([x, row_sum]), te.create_prim_func([x, w, nn])):
+        assert NTMatmul().apply(func, target, False) is None
