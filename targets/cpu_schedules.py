@@ -84,7 +84,7 @@ class NTMatmul(CPUScheduleRule):
         matmul, epilogues = blocks[0], blocks[1:]
         if not all(e.is_injective() for e in epilogues) or not _is_nt_matmul(sch.get(matmul.block_rv)):
             return None
-        *batch, j, k = matmul.iters
+        *_, j, k = matmul.iters
         if not isinstance(j.dom, (int, tirx.IntImm)) or not isinstance(k.dom, (int, tirx.IntImm)):
             return None
         rows = _largest_divisor(int(j.dom), (_ROWS_PER_TASK, 8, 4, 2, 1))
