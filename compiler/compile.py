@@ -63,6 +63,9 @@ def compile_model(model: str | os.PathLike, target: str = "llvm", quantization: 
                   verbose: bool = False) -> Path:
     """Compile ``model`` (a HF directory, a ``.gguf`` file or a bundled alias) for ``target``
     with ``quantization`` (default: the target's) and return the artifact directory."""
+    for option, value in (("context_window", context_window), ("prefill_chunk", prefill_chunk)):
+        if value is not None and value <= 0:
+            raise CompileError(f"{option} must be a positive number of tokens, not {value}")
     resolved = targets.resolve(target)
     scheme = passes.get_scheme(quantization or resolved.recipe.default_quantization)
     phases = _Phases(verbose)

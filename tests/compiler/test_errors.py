@@ -15,13 +15,15 @@ def run_cli(*args, cwd=None):
                           capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
-def assert_one_line_error(result, *fragments):
+def assert_one_line_error(result, *fragments, after_progress=False):
+    """The error is one line, the last; only an error found mid-compile follows progress lines."""
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("relaxlm: error: ")
+    assert "Traceback" not in result.stderr
+    assert [line for line in lines if line.startswith("relaxlm: error: ")] == lines[-1:], result.stderr
+    assert after_progress or len(lines) == 1, result.stderr
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+        assert fragment in lines[-1], lines[-1]
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +31,12 @@ def hf_dir(tiny_models):
     return tiny_models(LLAMA_SPECS["gqa_tied_fp16"]).hf_dir
 
 
-def _compile_fails(model, tmp_path, *options, expect=()):
+def _compile_fails(model, tmp_path, *options, expect=(), after_progress=False):
     out = tmp_path / "out"
     result = run_cli("compile", model, "--output", out, *options)
-    assert_one_line_error(result, *expect)
-    assert list(tmp_path.iterdir()) == [] or not any(p.name.startswith((".out", "out")) for p in tmp_path.iterdir())
+    assert_one_line_error(result, *expect, after_progress=after_progress)
+    # Neither the artifact nor its staging directory (".out.*") may remain.
+    assert not [p.name for p in tmp_path.iterdir() if "out" in p.name]
 
 
 def test_missing_path(tmp_path):
@@ -63,6 +66,16 @@ def test_truncated_safetensors(tmp_path, hf_dir):
     _compile_fails(model, tmp_path, expect=("model.safetensors", "truncated"))
 
 
+def test_weights_that_do_not_fit_the_config_fail_late_and_leave_nothing(tmp_path, hf_dir):
+    # The mismatch is found while converting weights, after the library was built in staging.
+    model = tmp_path / "model"
+    shutil.copytree(hf_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (model / "config.json").write_text(json.dumps(config))
+    _compile_fails(model, tmp_path, expect=("gate_up_proj", "do not belong together"), after_progress=True)
+
+
 def test_unknown_target(tmp_path, hf_dir):
     _compile_fails(hf_dir, tmp_path, "--target", "tpu", expect=("unknown target 'tpu'", "llvm"))
 
@@ -83,3 +96,7 @@ def test_generate_works_on_good_input(tiny_models):
     result = run_cli("generate", tiny.artifact, "--prompt", "w1 w2 w3", "--max-tokens", "4")
     assert result.returncode == 0, result.stderr
     assert all(word.startswith("w") for word in result.stdout.split())
+
+
+def test_non_positive_prefill_chunk(tmp_path, hf_dir):
+    _compile_fails(hf_dir, tmp_path, "--prefill-chunk", "0", expect=("prefill_chunk must be a positive",))
