@@ -82,11 +82,12 @@ class DecoderStack(nn.Module):
 class CausalLM(nn.Module):
     """A decoder-only LM over the paged KV cache. Llama's choices are the defaults; a family
     overrides the class attributes and hooks that differ (norm placement, norm kind,
-    attention, embedding scale, logit processing)."""
+    attention, q/k norm, embedding scale, logit processing)."""
 
     config_class: type[ModelConfig] = ModelConfig
     attention_class: type[PagedAttention] = PagedAttention
     layer_norms = {"pre_attention": "input_layernorm", "pre_mlp": "post_attention_layernorm"}
+    qk_norm: str | None = None
 
     def __init__(self, config: ModelConfig, dtype: str = "float32"):
         self.config = config
@@ -97,14 +98,16 @@ class CausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
 
     # ---- hooks a family may override -------------------------------------------------------
-    def make_norm(self) -> nn.Module:
-        """The norm used everywhere in the model."""
-        return rms_norm(self.config.hidden_size, self.config.norm_eps, self.dtype)
+    def make_norm(self, dim: int | None = None) -> nn.Module:
+        """The norm used everywhere in the model, over ``dim`` features (default: the hidden size)."""
+        return rms_norm(dim or self.config.hidden_size, self.config.norm_eps, self.dtype)
 
     def make_layer(self, layer_id: int) -> nn.Module:
         """One decoder block."""
         c = self.config
-        attention = self.attention_class(c, layer_id, self.dtype)
+        attention = self.attention_class(
+            c, layer_id, self.dtype, rope=c.layer_rope(layer_id), qk_norm=self.qk_norm, make_norm=self.make_norm
+        )
         mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, c.mlp_bias, self.dtype)
         return DecoderLayer(attention, mlp, self.layer_norms, self.make_norm)
 

@@ -67,10 +67,20 @@ class PagedAttention(nn.Module):
     """Self-attention over TVM's paged KV cache, with q/k/v fused into one projection.
 
     RoPE is applied here (the cache is created with RoPE switched off), so each layer can
-    have its own RoPE. Families change the q/k path by overriding :meth:`transform_qk`.
+    have its own RoPE. ``qk_norm`` normalises q and k before RoPE: ``"per_head"`` (a norm of
+    ``head_dim``, Gemma 3) or ``"all_heads"`` (one norm over all heads together, OLMo 2).
+    Families change the projected q/k/v further by overriding :meth:`transform_qkv`.
     """
 
-    def __init__(self, config, layer_id: int, dtype: str, rope: RopeParameters | None = None):
+    def __init__(  # pylint: disable=too-many-arguments
+        self,
+        config,
+        layer_id: int,
+        dtype: str,
+        rope: RopeParameters | None = None,
+        qk_norm: str | None = None,
+        make_norm: Callable[[int], nn.Module] | None = None,
+    ):
         self.layer_id = layer_id
         self.num_q_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -84,21 +94,44 @@ class PagedAttention(nn.Module):
         self.o_proj = nn.Linear(
             self.num_q_heads * self.head_dim, config.hidden_size, bias=config.attention_bias, dtype=dtype
         )
+        self.qk_norm = qk_norm
+        if qk_norm == "per_head":
+            self.q_norm, self.k_norm = make_norm(self.head_dim), make_norm(self.head_dim)
+        elif qk_norm == "all_heads":
+            self.q_norm = make_norm(self.num_q_heads * self.head_dim)
+            self.k_norm = make_norm(self.num_kv_heads * self.head_dim)
+        elif qk_norm is not None:
+            raise ValueError(f"qk_norm must be None, 'per_head' or 'all_heads', not {qk_norm!r}")
+
+    def transform_qkv(self, qkv: Tensor) -> Tensor:
+        """Hook right after the projection; ``qkv`` is (tokens, q_heads + 2 * kv_heads, head_dim)."""
+        return qkv
 
     def transform_qk(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """Hook between projection and RoPE; q, k are (tokens, heads, head_dim)."""
+        """Between projection and RoPE: the q/k norms, if any; q, k are (tokens, heads, head_dim)."""
+        if self.qk_norm == "per_head":
+            return self.q_norm(q), self.k_norm(k)
+        if self.qk_norm == "all_heads":
+            return _norm_over_heads(self.q_norm, q), _norm_over_heads(self.k_norm, k)
         return q, k
 
     def forward(self, x: Tensor, cache: PagedKVCache, positions: Tensor) -> Tensor:
         batch, seq_len, _ = x.shape
         tokens = batch * seq_len
         qkv = op.reshape(self.qkv_proj(x), (tokens, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
+        qkv = self.transform_qkv(qkv)
         q, k, v = op.split(qkv, [self.num_q_heads, self.num_q_heads + self.num_kv_heads], axis=1)
         q, k = self.transform_qk(q, k)
         q, k = apply_rope(q, positions, self.rope), apply_rope(k, positions, self.rope)
         qkv = op.reshape(op.concat([q, k, v], dim=1), (batch, seq_len, -1, self.head_dim))
         out = cache.attention_with_fused_qkv(self.layer_id, qkv, self.num_q_heads, sm_scale=self.sm_scale)
         return self.o_proj(op.reshape(out, (batch, seq_len, self.num_q_heads * self.head_dim)))
+
+
+def _norm_over_heads(norm: nn.Module, x: Tensor) -> Tensor:
+    """Apply ``norm`` to (tokens, heads, head_dim) as if it were (tokens, heads * head_dim)."""
+    tokens, heads, head_dim = x.shape
+    return op.reshape(norm(op.reshape(x, (tokens, heads * head_dim))), (tokens, heads, head_dim))
 
 
 class DecoderLayer(nn.Module):
