@@ -74,6 +74,12 @@ class Model:
         self.max_batch_size = max_batch_size
         total = max_total_tokens or self.context_window
         sliding = 1 if self.config.get("sliding_window") else 0
+        # The most tokens one call may append to one sequence. TVM 0.27's paged KV cache is exact
+        # for sliding-window layers only in its decode kernel: its prefill path ignores the window
+        # inside the appended chunk, and its CPU sliding-window prefill kernel reads an
+        # uninitialised running max when a query's first cached key lies outside the window (NaN
+        # or wrong logits). So a model with sliding-window layers appends one token per call.
+        self.max_append = 1 if sliding else self.prefill_chunk
         self.kv_cache = self.vm["create_paged_kv_cache"](
             *(ShapeTuple([n]) for n in (max_batch_size, total, self.prefill_chunk, self.config["page_size"], sliding))
         )
@@ -129,9 +135,17 @@ class Model:
         lengths = [len(t) for t in token_lists]
         if sum(lengths) > self.prefill_chunk:
             raise GenerationError(f"a batch prefill takes at most {self.prefill_chunk} tokens in all")
-        flat = np.concatenate([np.asarray(t, dtype=np.int32) for t in token_lists])[None, :]
-        positions = tvm.runtime.tensor(np.cumsum(lengths).astype("int32") - 1, self.device)
-        return self._forward("batch_prefill", seqs, lengths, self._embed(flat), positions)
+        last_logits: list[np.ndarray | None] = [None] * len(seqs)
+        for start in range(0, max(lengths), self.max_append):
+            active = [i for i, n in enumerate(lengths) if n > start]
+            chunks = [np.asarray(token_lists[i][start : start + self.max_append], dtype=np.int32) for i in active]
+            flat = np.concatenate(chunks)[None, :]
+            positions = tvm.runtime.tensor(np.cumsum([c.size for c in chunks]).astype("int32") - 1, self.device)
+            rows = self._forward("batch_prefill", [seqs[i] for i in active], [c.size for c in chunks],
+                                 self._embed(flat), positions)
+            for i, row in zip(active, rows):
+                last_logits[i] = row
+        return np.stack(last_logits)
 
     def batch_decode(self, seqs: Seq["Sequence"], tokens: Seq[int]) -> np.ndarray:
         """One token for each sequence in one call; returns logits (b, vocab)."""
@@ -171,8 +185,8 @@ class Sequence:
                 "shorten the prompt"
             )
         logits = None
-        for start in range(0, ids.size, self.model.prefill_chunk):
-            chunk = ids[start : start + self.model.prefill_chunk]
+        for start in range(0, ids.size, self.model.max_append):
+            chunk = ids[start : start + self.model.max_append]
             logits = self.model._forward("prefill", [self], [chunk.size], self.model._embed(chunk[None, :]))
         return logits[0]
 
@@ -185,6 +199,8 @@ class Sequence:
         """Append a chain of draft tokens in one call (speculative decoding); returns the logits
         after each of them (n, vocab). Use :meth:`rollback` to drop the rejected tail."""
         ids = np.asarray(token_ids, dtype=np.int32)
+        if ids.size > self.model.max_append:
+            raise GenerationError(f"this model takes at most {self.model.max_append} draft tokens per verify call")
         chain = [-1] + list(range(ids.size - 1))
         logits = self.model._forward("batch_verify", [self], [ids.size], self.model._embed(ids[None, :]), tree=chain)
         _COMMIT_TREE(self.model.kv_cache, ShapeTuple([self.id]), ShapeTuple([ids.size - 1]))
