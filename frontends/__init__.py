@@ -10,11 +10,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import llama
+from . import gemma3, llama
 from .causal_lm import ENTRY_POINTS, CausalLM, KVCacheSpec, export_spec
 from .config import ModelConfig
 from .errors import FrontendError
-from .sources import BUNDLED, ModelSource, open_source as _open_source
+from .sources import BUNDLED, ModelSource, TextModelSource, open_source as _open_source
 from .weights import convert_weights
 
 
@@ -28,9 +28,11 @@ class Family:
 
     name: str
     model_class: type[CausalLM]
-    gguf_arch: str
+    gguf_arch: str | None
     hf_fixup: Callable[[str, np.ndarray, ModelConfig], np.ndarray] = _no_fixup
     gguf_fixup: Callable[[str, np.ndarray, ModelConfig], np.ndarray] = _no_fixup
+    # The checkpoint is multimodal; relaxlm compiles its language model (see TextModelSource).
+    text_model_of_multimodal: bool = False
 
     @property
     def config_class(self) -> type[ModelConfig]:
@@ -38,8 +40,14 @@ class Family:
         return self.model_class.config_class
 
 
+# gguf_arch None: llama.cpp has no architecture name of its own for it (it writes the text model
+# of a multimodal Gemma 3 as "gemma3").
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family("Llama", llama.LlamaForCausalLM, "llama", gguf_fixup=llama.unpermute_gguf_qk),
+    "Gemma3ForCausalLM": Family("Gemma 3", gemma3.Gemma3ForCausalLM, "gemma3", hf_fixup=gemma3.fold_norm_offset),
+    "Gemma3ForConditionalGeneration": Family(
+        "Gemma 3", gemma3.Gemma3ForCausalLM, None, hf_fixup=gemma3.fold_norm_offset, text_model_of_multimodal=True
+    ),
 }
 
 
@@ -61,8 +69,12 @@ def family_for(hf_config: dict[str, Any]) -> tuple[str, Family]:
 
 def open_source(model) -> ModelSource:
     """Open a HF model directory, a ``.gguf`` file or a bundled alias (see ``sources.BUNDLED``)."""
-    by_gguf_arch = {family.gguf_arch: arch for arch, family in FAMILIES.items()}
-    return _open_source(model, by_gguf_arch)
+    by_gguf_arch = {family.gguf_arch: arch for arch, family in FAMILIES.items() if family.gguf_arch}
+    source = _open_source(model, by_gguf_arch)
+    architecture = (source.config.get("architectures") or [None])[0]
+    if architecture in FAMILIES and FAMILIES[architecture].text_model_of_multimodal:
+        return TextModelSource(source)
+    return source
 
 
 def tensor_fixup(family: Family, source: ModelSource, config: ModelConfig):

@@ -180,6 +180,48 @@ class GGUFSource(ModelSource):
         self._reader = None
 
 
+class TextModelSource(ModelSource):
+    """The language model inside a multimodal checkpoint (Gemma 3's ``…ForConditionalGeneration``),
+    seen as a text-only one: its ``text_config`` and its tensors under the text model's names."""
+
+    # Our name prefix → where checkpoints keep it: transformers 5 writes ``language_model.model.*``;
+    # its in-memory layout (and some checkpoints) is ``model.language_model.*``.
+    PREFIXES = {
+        "model.": ("language_model.model.", "model.language_model."),
+        "lm_head.": ("language_model.lm_head.", "lm_head."),
+    }
+    # Keys the outer config holds for the whole model.
+    OUTER_KEYS = ("architectures", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+
+    def __init__(self, inner: ModelSource):
+        self.inner = inner
+        self.name = inner.name
+        text = inner.config.get("text_config")
+        if not isinstance(text, dict):
+            raise FrontendError(f"{inner.name}: a multimodal config.json must hold the language model's 'text_config'")
+        outer = {k: inner.config[k] for k in self.OUTER_KEYS if inner.config.get(k) is not None}
+        self.config = {**text, **outer}
+
+    def _inner_name(self, hf_name: str) -> str:
+        for ours, theirs in self.PREFIXES.items():
+            if hf_name.startswith(ours):
+                candidates = [prefix + hf_name[len(ours):] for prefix in theirs]
+                return next((c for c in candidates if self.inner.has_tensor(c)), candidates[0])
+        return hf_name
+
+    def has_tensor(self, hf_name: str) -> bool:
+        return self.inner.has_tensor(self._inner_name(hf_name))
+
+    def tensor(self, hf_name: str) -> np.ndarray:
+        return self.inner.tensor(self._inner_name(hf_name))
+
+    def save_tokenizer(self, dest: Path) -> bool:
+        return self.inner.save_tokenizer(dest)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """transformers prints progress bars and notes while it converts GGUF metadata."""
