@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import gemma3, llama
+from . import gemma3, llama, olmo
 from .causal_lm import ENTRY_POINTS, CausalLM, KVCacheSpec, export_spec
 from .config import ModelConfig
 from .errors import FrontendError
@@ -41,13 +41,16 @@ class Family:
 
 
 # gguf_arch None: llama.cpp has no architecture name of its own for it (it writes the text model
-# of a multimodal Gemma 3 as "gemma3").
+# of a multimodal Gemma 3 as "gemma3", and OLMo 3 as "olmo2").
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family("Llama", llama.LlamaForCausalLM, "llama", gguf_fixup=llama.unpermute_gguf_qk),
     "Gemma3ForCausalLM": Family("Gemma 3", gemma3.Gemma3ForCausalLM, "gemma3", hf_fixup=gemma3.fold_norm_offset),
     "Gemma3ForConditionalGeneration": Family(
         "Gemma 3", gemma3.Gemma3ForCausalLM, None, hf_fixup=gemma3.fold_norm_offset, text_model_of_multimodal=True
     ),
+    "OlmoForCausalLM": Family("OLMo", olmo.OlmoForCausalLM, "olmo"),
+    "Olmo2ForCausalLM": Family("OLMo 2", olmo.Olmo2ForCausalLM, "olmo2"),
+    "Olmo3ForCausalLM": Family("OLMo 3", olmo.Olmo3ForCausalLM, None),
 }
 
 
