@@ -44,7 +44,10 @@ class Family:
 # of a multimodal Gemma 3 as "gemma3", and OLMo 3 as "olmo2").
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family("Llama", llama.LlamaForCausalLM, "llama", gguf_fixup=llama.unpermute_gguf_qk),
-    "Gemma3ForCausalLM": Family("Gemma 3", gemma3.Gemma3ForCausalLM, "gemma3", hf_fixup=gemma3.fold_norm_offset),
+    "Gemma3ForCausalLM": Family(
+        "Gemma 3", gemma3.Gemma3ForCausalLM, "gemma3",
+        hf_fixup=gemma3.fold_norm_offset, gguf_fixup=gemma3.unfold_gguf_norm_offset,
+    ),
     "Gemma3ForConditionalGeneration": Family(
         "Gemma 3", gemma3.Gemma3ForCausalLM, None, hf_fixup=gemma3.fold_norm_offset, text_model_of_multimodal=True
     ),

@@ -93,3 +93,11 @@ def fold_norm_offset(name: str, tensor: np.ndarray, config: Gemma3Config) -> np.
     if name.endswith("norm.weight"):
         return np.float32(1.0) + tensor.astype(np.float32)
     return tensor
+
+
+def unfold_gguf_norm_offset(name: str, tensor: np.ndarray, config: Gemma3Config) -> np.ndarray:
+    """llama.cpp's converter stores Gemma's norm weights as ``1 + w``; take the 1 off again, as
+    transformers' GGUF loader does, so that :func:`fold_norm_offset` sees HF's ``w``."""
+    if name.endswith("norm.weight"):
+        return tensor.astype(np.float32) - np.float32(1.0)
+    return tensor
