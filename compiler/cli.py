@@ -58,7 +58,7 @@ def main():
 @click.option("--debug-dump", type=click.Path(), default=None, help="Write the IR after each pass phase here.")
 @reports_errors
 def compile(model, target, quantization, output, context_window, prefill_chunk, debug_dump):  # noqa: A001
-    """Compile MODEL: a Hugging Face directory, a .gguf file or a bundled alias (smollm2-135m)."""
+    """Compile MODEL: a Hugging Face directory, a .gguf file or a bundled alias (smollm2-135m, gemma3-270m)."""
     from relaxlm.compiler import compile_model
 
     path = compile_model(model, target=target, quantization=quantization, output=output,
