@@ -113,7 +113,7 @@ def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefi
     try:
         with phases("build"):
             recipe = b.resolved.recipe
-            pipeline = passes.relax_pipeline(b.resolved.target, recipe.schedule_rules(), b.debug_dump)
+            pipeline = passes.relax_pipeline(b.resolved.target, recipe, b.debug_dump)
             executable = tvm.compile(mod, b.resolved.target, relax_pipeline=pipeline)
             executable.export_library(str(staging / recipe.library_file))
         with phases("weights"):

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import tvm
 from tvm import relax
-from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.s_tir import dlight
 
 
@@ -24,20 +23,29 @@ def _dump(directory: Path | None, phase: str) -> list[tvm.transform.Pass]:
     return [dump]
 
 
-def relax_pipeline(target: tvm.target.Target, schedule_rules: list, debug_dump: Path | None = None):
-    """Legalize, fuse, schedule and lower. ``schedule_rules`` are the target's dlight rules."""
+def relax_pipeline(target: tvm.target.Target, recipe, debug_dump: Path | None = None):
+    """Legalize, fuse, schedule and lower for ``target``. ``recipe`` (a ``targets.TargetRecipe``)
+    gives the dlight schedule rules and TVM's backend pass lists for the device."""
+    backend = recipe.backend
+    schedule_rules = recipe.schedule_rules()
     passes = (
         _dump(debug_dump, "0_exported")
         # nn.Linear exports permute_dims(W) + matmul: fuse them so weights are not transposed per call.
         + [relax.transform.FuseTransposeMatmul()]
-        + cpu_pipeline.library_dispatch_passes(target)
-        + cpu_pipeline.legalize_passes(target)
-        + [relax.transform.DeadCodeElimination()]
+        + backend.library_dispatch_passes(target)
+        + [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination(),
+        ]
         + _dump(debug_dump, "1_fused")
         + ([dlight.ApplyDefaultSchedule(*schedule_rules)] if schedule_rules else [])
         + _dump(debug_dump, "2_scheduled")
-        + cpu_pipeline.dataflow_lower_passes(target)
-        + cpu_pipeline.finalize_passes(target)
+        + backend.dataflow_lower_passes(target)
+        + backend.finalize_passes(target)
     )
 
     @tvm.transform.module_pass(opt_level=0, name="relaxlm_pipeline")

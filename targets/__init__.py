@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from types import ModuleType
 from typing import Callable
 
 import tvm
+from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
 
 from . import cpu_schedules
 
@@ -28,6 +30,9 @@ class TargetRecipe:
     description: str
     make_target: Callable[[str | None], tvm.target.Target]
     schedule_rules: Callable[[], list]
+    # TVM's backend pipeline module for this device: its library dispatch, dataflow lowering and
+    # finalisation passes (tvm.relax.backend.<backend>.pipeline).
+    backend: ModuleType
     device: str
     compute_dtype: str
     default_quantization: str
@@ -57,6 +62,7 @@ TARGETS: dict[str, TargetRecipe] = {
         # unscheduled. dlight's CPU rules (cpu.GEMV, cpu.Reduction) are not used: they made a tiny
         # model build 8x slower and did not finish SmolLM2-135M in 5 minutes.
         schedule_rules=cpu_schedules.cpu_rules,
+        backend=cpu_backend,
         device="cpu",
         compute_dtype="float32",
         default_quantization="q0f32",
