@@ -115,7 +115,7 @@ def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefi
             recipe = b.resolved.recipe
             pipeline = passes.relax_pipeline(b.resolved.target, recipe, b.debug_dump)
             executable = tvm.compile(mod, b.resolved.target, relax_pipeline=pipeline)
-            executable.export_library(str(staging / recipe.library_file))
+            library = recipe.export_library(executable, staging)
         with phases("weights"):
             params = [(n, tuple(int(d) for d in p.shape), p.dtype) for n, p in named_params]
             fixup = frontends.tensor_fixup(b.family, b.source, config)
@@ -132,7 +132,7 @@ def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefi
             "model_dtype": b.scheme.model_dtype,
             "target": b.resolved.name,
             "device": recipe.device,
-            "library": recipe.library_file,
+            "library": library,
             "vocab_size": config.vocab_size,
             "context_window_size": context,
             "prefill_chunk_size": chunk,

@@ -38,6 +38,11 @@ class TargetRecipe:
     default_quantization: str
     library_file: str
 
+    def export_library(self, executable, directory) -> str:
+        """Write the compiled library into ``directory``; returns its file name."""
+        executable.export_library(str(directory / self.library_file))
+        return self.library_file
+
     def tvm_target(self, arch: str | None = None) -> tvm.target.Target:
         """The TVM target, for ``arch`` when the name had one (``cuda:sm_86``)."""
         return self.make_target(arch)
