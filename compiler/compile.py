@@ -105,7 +105,11 @@ def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefi
     context = min(context_window or config.context_window_size, config.context_window_size)
     chunk = min(prefill_chunk or MAX_PREFILL_CHUNK, context)
     with phases("export"):
-        module = b.scheme.quantize_module(b.family.model_class(config, dtype=b.scheme.model_dtype))
+        module = b.family.model_class(config, dtype=b.scheme.model_dtype)
+        # Weights are converted for the unquantized module's parameters (named as HF's tensors);
+        # the scheme turns each into the arrays the quantized module stores.
+        source_params = [(n, tuple(int(d) for d in p.shape), p.dtype) for n, p in module.named_parameters()]
+        module = b.scheme.quantize_module(module)
         mod, named_params = module.export()
         mod = passes.dispatch_kv_cache(mod, module.kv_cache_spec(), b.resolved.target)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,10 +121,10 @@ def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefi
             executable = tvm.compile(mod, b.resolved.target, relax_pipeline=pipeline)
             library = recipe.export_library(executable, staging)
         with phases("weights"):
-            params = [(n, tuple(int(d) for d in p.shape), p.dtype) for n, p in named_params]
             fixup = frontends.tensor_fixup(b.family, b.source, config)
-            converted = frontends.convert_weights(b.source, params, fixup)
-            weights = _write_weights(staging, b.scheme, converted, len(params), verbose)
+            converted = frontends.convert_weights(b.source, source_params, fixup)
+            weights = _write_weights(staging, b.scheme, converted, len(source_params),
+                                     {n: p for n, p in named_params}, verbose)
         with phases("tokenizer"):
             has_tokenizer = b.source.save_tokenizer(staging)
         manifest = {
@@ -155,24 +159,39 @@ def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefi
     return out
 
 
-def _write_weights(staging: Path, scheme, converted, count: int, verbose: bool) -> dict[str, str]:
-    """Write converted weights as safetensors shards; returns {file: sha256}."""
+def _write_weights(staging: Path, scheme, converted, count: int, expected: dict, verbose: bool) -> dict[str, str]:
+    """Write converted weights (stored by ``scheme``) as safetensors shards; returns {file: sha256}.
+
+    ``expected`` maps the exported module's parameter names to its parameters: what the scheme
+    stores must be exactly those, with their shapes and dtypes, or the runtime could not load it."""
     shards: list[dict] = [{}]
     size = 0
+    stored_names = set()
     for name, array in tqdm(converted, total=count, desc="converting weights", unit="tensor",
                             disable=not verbose, file=sys.stderr):
         for key, stored in scheme.convert(name, array).items():
+            _check_stored(key, stored, expected.get(key), scheme)
+            stored_names.add(key)
             if size and size + stored.nbytes > SHARD_BYTES:
                 shards.append({})
                 size = 0
             shards[-1][key] = stored
             size += stored.nbytes
+    if stored_names != set(expected):
+        raise CompileError(f"quantization {scheme.name} stored no weights for {sorted(set(expected) - stored_names)}")
     checksums = {}
     for i, shard in enumerate(shards):
         file = staging / f"params_shard_{i}.safetensors"
         save_file(shard, str(file))
         checksums[file.name] = sha256_of(file)
     return checksums
+
+
+def _check_stored(key: str, stored, param, scheme) -> None:
+    if param is None or tuple(stored.shape) != tuple(int(d) for d in param.shape) or str(stored.dtype) != param.dtype:
+        declared = None if param is None else (tuple(int(d) for d in param.shape), param.dtype)
+        raise CompileError(f"quantization {scheme.name} stored '{key}' as {tuple(stored.shape)} {stored.dtype}, "
+                           f"but the compiled model declares {declared}")
 
 
 def _eos_ids(hf_config: dict, staging: Path) -> list[int]:

@@ -8,6 +8,8 @@ import tvm
 from tvm import relax
 from tvm.s_tir import dlight
 
+from .fusion import fuse_dequantize_matmul
+
 
 def _dump(directory: Path | None, phase: str) -> list[tvm.transform.Pass]:
     """A pass that writes the IR after ``phase`` when ``--debug-dump`` asked for it."""
@@ -23,6 +25,19 @@ def _dump(directory: Path | None, phase: str) -> list[tvm.transform.Pass]:
     return [dump]
 
 
+def fusion_passes() -> list[tvm.transform.Pass]:
+    """From legalized Relax to fused kernels: the dequantize into its matmul (``passes.fusion``),
+    then Relax's FuseOps/FuseTIR for everything else."""
+    return [
+        relax.transform.AnnotateTIROpPattern(),
+        fuse_dequantize_matmul(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+
+
 def relax_pipeline(target: tvm.target.Target, recipe, debug_dump: Path | None = None):
     """Legalize, fuse, schedule and lower for ``target``. ``recipe`` (a ``targets.TargetRecipe``)
     gives the dlight schedule rules and TVM's backend pass lists for the device."""
@@ -33,14 +48,8 @@ def relax_pipeline(target: tvm.target.Target, recipe, debug_dump: Path | None = 
         # nn.Linear exports permute_dims(W) + matmul: fuse them so weights are not transposed per call.
         + [relax.transform.FuseTransposeMatmul()]
         + backend.library_dispatch_passes(target)
-        + [
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-            relax.transform.DeadCodeElimination(),
-        ]
+        + [relax.transform.LegalizeOps()]
+        + fusion_passes()
         + _dump(debug_dump, "1_fused")
         + ([dlight.ApplyDefaultSchedule(*schedule_rules)] if schedule_rules else [])
         + _dump(debug_dump, "2_scheduled")

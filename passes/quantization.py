@@ -2,6 +2,24 @@
 
 A scheme says which dtype the model computes in and how each weight is stored. The registry
 :data:`SCHEMES` is the one place a new scheme is added.
+
+Group schemes (``q4f32_1``, ``q4f16_1``, ``q8f32_1``, ``q8f16_1``) follow MLC LLM's ``_1``
+convention: symmetric absmax quantization in groups of :data:`GROUP_SIZE` consecutive weights
+along the input dimension, ``32 // bits`` codes packed into each uint32 (lowest bits first), one
+scale per group, a fixed zero point ``z = 2**(bits-1) - 1`` (7, or 127). For a group ``w``::
+
+    scale = max|w| / z            (stored as float16, rounded up so that |w| / scale <= z)
+    q     = clip(round(w / scale) + z, 0, 2 z)       # 0..14 or 0..254; 15 / 255 are unused
+    w'    = (q - z) * scale                          # the dequantized weight
+
+so ``|w - w'| <= scale / 2`` for every element. Scales are stored as float16 even when the model
+computes in float32: it keeps 4-bit weights at 0.5625 bytes per parameter (float32 scales would
+make it 0.625) and the rounding is absorbed by choosing the stored scale, not the exact one.
+
+Every ``nn.Linear`` whose input dimension is a multiple of the group size, and the token
+embedding (which also serves the tied logits), are quantized; anything else stays in the model
+dtype. The dequantize is a TE ``dequantize`` op feeding the matmul, so that FuseOps/FuseTIR fuse
+it into the matmul kernel and decode reads the packed weights.
 """
 
 from __future__ import annotations
@@ -9,8 +27,16 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
 
 from .errors import PassError
+
+GROUP_SIZE = 32
+# Names of the stored parts of a quantized weight ``<prefix>.weight``.
+Q_WEIGHT, Q_SCALE = "q_weight", "q_scale"
+SCALE_DTYPE = "float16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,13 +47,164 @@ class QuantizationScheme:
     model_dtype: str
     description: str
 
-    def quantize_module(self, module):
+    def quantize_module(self, module: nn.Module) -> nn.Module:
         """Rewrite the module's layers for this scheme (unquantized schemes keep it as it is)."""
         return module
 
     def convert(self, name: str, array: np.ndarray) -> dict[str, np.ndarray]:
-        """One converted parameter → the arrays stored for it, by parameter name."""
+        """One parameter of the unquantized module → the arrays stored for it, by parameter name."""
         return {name: array.astype(self.model_dtype)}
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupQuantization(QuantizationScheme):
+    """Symmetric ``bits``-bit group quantization (see the module docstring for the exact rule)."""
+
+    bits: int = 4
+
+    @property
+    def zero_point(self) -> int:
+        """The code that stands for 0 and the largest magnitude a code reaches (7 or 127)."""
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def per_word(self) -> int:
+        """Codes per uint32."""
+        return 32 // self.bits
+
+    def quantizes(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether the parameter ``name`` of the unquantized module is stored quantized."""
+        return name.endswith(".weight") and len(shape) == 2 and shape[1] % GROUP_SIZE == 0
+
+    def quantize_module(self, module: nn.Module) -> nn.Module:
+        return _Quantizer(self).visit("", module)
+
+    def convert(self, name: str, array: np.ndarray) -> dict[str, np.ndarray]:
+        if not self.quantizes(name, array.shape):
+            return super().convert(name, array)
+        q_weight, q_scale = self.quantize(array)
+        prefix = name[: -len("weight")]
+        return {prefix + Q_WEIGHT: q_weight, prefix + Q_SCALE: q_scale}
+
+    # ---- the numbers ------------------------------------------------------------------------
+    def quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``w`` of shape (rows, k) → packed codes (rows, k / per_word) uint32 and scales
+        (rows, k / GROUP_SIZE) float16."""
+        rows, k = w.shape
+        groups = w.astype(np.float32).reshape(rows, k // GROUP_SIZE, GROUP_SIZE)
+        scale = _round_up_to_float16(np.abs(groups).max(axis=-1) / self.zero_point)
+        divisor = np.where(scale > 0, scale.astype(np.float32), 1.0)[..., None]
+        codes = np.clip(np.rint(groups / divisor) + self.zero_point, 0, 2 * self.zero_point).astype(np.uint32)
+        codes = codes.reshape(rows, k // self.per_word, self.per_word)
+        shifts = np.arange(self.per_word, dtype=np.uint32) * self.bits
+        packed = np.bitwise_or.reduce(codes << shifts, axis=-1).astype(np.uint32)
+        return packed, scale
+
+    def dequantize(self, q_weight: np.ndarray, q_scale: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`quantize` (up to the rounding), in float32: the numpy reference
+        of the ``dequantize`` op the compiled model runs."""
+        rows, words = q_weight.shape
+        shifts = np.arange(self.per_word, dtype=np.uint32) * self.bits
+        codes = (q_weight[..., None] >> shifts) & np.uint32((1 << self.bits) - 1)
+        values = codes.reshape(rows, -1, GROUP_SIZE).astype(np.float32) - self.zero_point
+        return (values * q_scale.astype(np.float32)[..., None]).reshape(rows, words * self.per_word)
+
+    def dequantize_op(self, q_weight: Tensor, q_scale: Tensor, dtype: str) -> Tensor:
+        """The TE ``dequantize`` op: packed (rows, k / per_word), scales (rows, k / GROUP_SIZE)
+        → (rows, k) in ``dtype``. Injective, so FuseOps fuses it into the matmul that reads it."""
+        bits, per_word, zero = self.bits, self.per_word, self.zero_point
+        mask = (1 << bits) - 1
+
+        def compute(packed: te.Tensor, scale: te.Tensor) -> te.Tensor:
+            rows, words = packed.shape
+
+            def element(i, j):
+                shift = (j % per_word * bits).astype("uint32")
+                code = tirx.bitwise_and(tirx.shift_right(packed[i, j // per_word], shift), tirx.const(mask, "uint32"))
+                # Through int32: uint32 → float has no AVX2 instruction, int32 → float does.
+                value = code.astype("int32").astype(dtype) - tirx.const(zero, dtype)
+                return value * scale[i, j // GROUP_SIZE].astype(dtype)
+
+            return te.compute((rows, words * per_word), element, name="dequantize")
+
+        return op.tensor_expr_op(compute, "dequantize", [q_weight, q_scale])
+
+
+def _round_up_to_float16(scale: np.ndarray) -> np.ndarray:
+    """``scale`` as float16, rounded up where rounding to nearest went down, so that the largest
+    weight of a group still has a code (|w| / stored scale <= zero point)."""
+    half = scale.astype(np.float16)
+    low = half.astype(np.float32) < scale
+    return np.where(low, np.nextafter(half, np.float16(np.inf)), half).astype(np.float16)
+
+
+class GroupQuantizedLinear(nn.Module):
+    """``nn.Linear`` with its weight stored as ``q_weight`` / ``q_scale``."""
+
+    def __init__(self, linear: nn.Linear, scheme: GroupQuantization):
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.dtype = linear.weight.dtype
+        self.scheme = scheme
+        self.q_weight, self.q_scale = _quantized_parameters(self.out_features, self.in_features, scheme)
+        self.bias = linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.scheme.dequantize_op(self.q_weight, self.q_scale, self.dtype)
+        # The same permute_dims + matmul nn.Linear emits, so FuseTransposeMatmul applies.
+        y = op.matmul(x, op.permute_dims(weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class GroupQuantizedEmbedding(nn.Module):
+    """``nn.Embedding`` with its table stored as ``q_weight`` / ``q_scale``: a lookup gathers
+    packed rows and dequantizes only those."""
+
+    def __init__(self, embedding: nn.Embedding, scheme: GroupQuantization, dtype: str):
+        self.num, self.dim = embedding.num, embedding.dim
+        self.dtype = dtype
+        self.scheme = scheme
+        self.q_weight, self.q_scale = _quantized_parameters(self.num, self.dim, scheme)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized table, for code that reads ``embed_tokens.weight`` directly (tied
+        logits). Each access emits a ``dequantize`` op, which fuses into the matmul that reads it."""
+        return self.scheme.dequantize_op(self.q_weight, self.q_scale, self.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ids = op.reshape(x, (-1,))
+        rows = self.scheme.dequantize_op(op.take(self.q_weight, ids, axis=0), op.take(self.q_scale, ids, axis=0),
+                                         self.dtype)
+        return op.reshape(rows, (*x.shape, self.dim))
+
+
+def _quantized_parameters(rows: int, k: int, scheme: GroupQuantization) -> tuple[nn.Parameter, nn.Parameter]:
+    return (nn.Parameter((rows, k // scheme.per_word), dtype="uint32"),
+            nn.Parameter((rows, k // GROUP_SIZE), dtype=SCALE_DTYPE))
+
+
+class _Quantizer(nn.Mutator):
+    """Replaces the layers whose weight ``scheme.quantizes``, MLC-style: the frontends never see it."""
+
+    def __init__(self, scheme: GroupQuantization):
+        self.scheme = scheme
+
+    def visit_module(self, name: str, node: nn.Module):
+        weight = getattr(node, "weight", None)
+        if isinstance(node, nn.Linear) and self.scheme.quantizes(f"{name}.weight", weight.shape):
+            return GroupQuantizedLinear(node, self.scheme)
+        if isinstance(node, nn.Embedding) and self.scheme.quantizes(f"{name}.weight", weight.shape):
+            return GroupQuantizedEmbedding(node, self.scheme, weight.dtype)
+        return self.visit(name, node)
+
+
+def _group_scheme(bits: int, dtype: str) -> GroupQuantization:
+    short = {"float32": "f32", "float16": "f16"}[dtype]
+    return GroupQuantization(
+        f"q{bits}{short}_1", dtype,
+        f"{bits}-bit symmetric group quantization (group {GROUP_SIZE}, float16 scales), computing in {dtype}",
+        bits=bits,
+    )
 
 
 SCHEMES: dict[str, QuantizationScheme] = {
@@ -35,6 +212,10 @@ SCHEMES: dict[str, QuantizationScheme] = {
     for scheme in (
         QuantizationScheme("q0f32", "float32", "no quantization, float32"),
         QuantizationScheme("q0f16", "float16", "no quantization, float16"),
+        _group_scheme(4, "float32"),
+        _group_scheme(4, "float16"),
+        _group_scheme(8, "float32"),
+        _group_scheme(8, "float16"),
     )
 }
 
