@@ -7,6 +7,7 @@ import pytest
 import tvm
 from tvm import te, tirx
 
+from relaxlm.passes import get_scheme
 from relaxlm.targets import resolve
 from relaxlm.targets.cpu_schedules import NTMatmul
 
@@ -67,3 +68,37 @@ def test_other_kernels_are_left_alone(target):
     nn = te.compute((4, 32), lambda i, j: te.sum(x[i, k2] * w[k2, j], axis=k2), name="NN_matmul")
     for func in (te.create_prim_func([x, row_sum]), te.create_prim_func([x, w, nn])):
         assert NTMatmul().apply(func, target, False) is None
+
+
+def dequantize_nt_matmul(rows, out_features: int, in_features: int) -> tirx.PrimFunc:
+    """The kernel FuseTIR makes of q4f32_1's ``dequantize`` and the NT matmul that reads it, plus
+    a residual add: ``[1, rows, in] x deq(packed [out, in / 8], scales [out, in / 32])^T + r``."""
+    x = te.placeholder((1, rows, in_features), name="x")
+    packed = te.placeholder((out_features, in_features // 8), "uint32", name="packed")
+    scale = te.placeholder((out_features, in_features // 32), "float16", name="scale")
+    r = te.placeholder((1, rows, out_features), name="r")
+    w = te.compute((out_features, in_features), lambda i, j: (
+        ((packed[i, j // 8] >> (j % 8 * 4).astype("uint32")) & tirx.const(15, "uint32")).astype("int32")
+        .astype("float32") - 7.0) * scale[i, j // 32].astype("float32"), name="dequantize")
+    k = te.reduce_axis((0, in_features), name="k")
+    y = te.compute((1, rows, out_features), lambda b, i, j: te.sum(x[b, i, k] * w[j, k], axis=k), name="NT_matmul")
+    out = te.compute(y.shape, lambda b, i, j: y[b, i, j] + r[b, i, j], name="T_add")
+    return te.create_prim_func([packed, scale, x, r, out])
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fused_dequantize_matmul_matches_unscheduled(target, rows):
+    """Decode (1 row) unpacks in registers: no dequantized buffer at all; prefill (symbolic rows)
+    dequantizes a block of weight rows per parallel task. Both compute what the plain kernel does."""
+    rng = np.random.default_rng(0)
+    func = dequantize_nt_matmul(1 if rows == 1 else tirx.Var("seq_len", "int64"), 48, 96)
+    sch = NTMatmul().apply(func, target, False)
+    assert sch is not None
+    script = sch.mod["main"].script()
+    assert "T.parallel" in script and "T.vectorized" in script
+    assert ("dequantize" in script) == (rows > 1)
+    packed, scale = get_scheme("q4f32_1").quantize(rng.standard_normal((48, 96), dtype="float32"))
+    args = [packed, scale, rng.standard_normal((1, rows, 96), dtype="float32"),
+            rng.standard_normal((1, rows, 48), dtype="float32")]
+    expected = run(func, target, args, (1, rows, 48))
+    np.testing.assert_allclose(run(sch.mod["main"], target, args, (1, rows, 48)), expected, rtol=1e-5, atol=1e-5)
