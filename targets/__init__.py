@@ -70,7 +70,7 @@ TARGETS: dict[str, TargetRecipe] = {
         backend=cpu_backend,
         device="cpu",
         compute_dtype="float32",
-        default_quantization="q0f32",
+        default_quantization="q4f32_1",
         library_file="lib.so",
     ),
 }
