@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+# 2: the llvm library carries relaxlm's sliding-window prefill kernel; the runtime relies on it to
+# prefill models with sliding-window layers a window per call (format 1 had TVM's, inexact there).
+FORMAT_VERSION = 2
 CONFIG_FILE = "relaxlm-config.json"
 
 

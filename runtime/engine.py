@@ -57,6 +57,24 @@ def _load_params(path: Path, config: dict[str, Any], device) -> list:
     return [tvm.runtime.tensor(arrays[name], device) for name in config["params"]]
 
 
+def _max_append(prefill_chunk: int, window: int | None, device_kind: str) -> int:
+    """The most tokens one call may append to one sequence and stay exact.
+
+    With sliding-window layers, TVM 0.27's paged KV cache attends the appended chunk's own keys
+    with one plain causal kernel for all layers (the runtime does not tell it which layers slide),
+    so a chunk longer than the window would let its last queries see keys that have slid out. Up
+    to the window, the chunk's keys all lie inside every query's window, and the cached keys go
+    through the kernel of ``relaxlm.passes.sliding_window_attention``, which masks them exactly.
+    That kernel is the llvm target's; TVM's GPU kernels are unverified, so other devices append
+    one token per call.
+    """
+    if not window:
+        return prefill_chunk
+    if device_kind == "cpu":
+        return min(prefill_chunk, window)
+    return 1
+
+
 class Model:
     """A loaded artifact. ``generate`` for text; ``new_sequence`` and the ``batch_*`` methods
     for direct control of the KV cache."""
@@ -73,13 +91,10 @@ class Model:
         self.vocab_size = self.config["vocab_size"]
         self.max_batch_size = max_batch_size
         total = max_total_tokens or self.context_window
-        sliding = 1 if self.config.get("sliding_window") else 0
-        # The most tokens one call may append to one sequence. TVM 0.27's paged KV cache is exact
-        # for sliding-window layers only in its decode kernel: its prefill path ignores the window
-        # inside the appended chunk, and its CPU sliding-window prefill kernel reads an
-        # uninitialised running max when a query's first cached key lies outside the window (NaN
-        # or wrong logits). So a model with sliding-window layers appends one token per call.
-        self.max_append = 1 if sliding else self.prefill_chunk
+        window = self.config.get("sliding_window")
+        sliding = 1 if window else 0
+        # The most tokens one call may append to one sequence.
+        self.max_append = _max_append(self.prefill_chunk, window, self.config["device"])
         self.kv_cache = self.vm["create_paged_kv_cache"](
             *(ShapeTuple([n]) for n in (max_batch_size, total, self.prefill_chunk, self.config["page_size"], sliding))
         )

@@ -14,8 +14,7 @@ from relaxlm.frontends.sources import resolve_bundled
 from relaxlm.runtime import load
 
 pytestmark = pytest.mark.real
-# A base model without a chat template: a plain-text prompt. Short, because models with sliding
-# window layers prefill one token per call.
+# A base model without a chat template: a plain-text prompt.
 PROMPT = "The capital of France is"
 NEW_TOKENS = 32
 
