@@ -1,9 +1,10 @@
 """A corrected CPU kernel for attention over the paged KV cache in models with sliding-window layers.
 
 When any layer is ``mha_sliding``, TVM 0.27's paged KV cache runs every prefill (more than one
-token per sequence) through ``tir_attention_prefill_cpu_sliding_window`` for the cached keys of
-*every* layer, then merges the result with the in-chunk (ragged) attention. TVM's kernel
-(``_attention_prefill_cpu(..., sliding_window=True)``) has two bugs that this one fixes:
+token per sequence) through its CPU sliding-window prefill kernel for the cached keys of *every*
+layer (causal within the window for sliding layers, all keys for full ones), then merges the
+result with the in-chunk (ragged) attention. TVM's kernel (``_attention_prefill_cpu(...,
+sliding_window=True)``) has two bugs that this one fixes:
 
 - a key outside the window leaves the running max ``new_m`` unset, so when a query's first cached
   key is masked the softmax update reads uninitialised memory (NaN or wrong logits);
@@ -42,6 +43,8 @@ def paged_prefill_sliding_window_cpu(  # pylint: disable=too-many-arguments,too-
     the last ``window`` positions when the runtime passes ``causal`` (sliding layers), all cached
     keys otherwise (full layers). Writes the partial output and its log2-sum-exp for merging."""
     group_size = h_q // h_kv
+    # relaxlm applies RoPE in the model (RopeMode.NONE, no rope scaling in the cache); the rotary
+    # branch only keeps ``rotary_mode`` meaning what it means in TVM's kernel.
     rope_scaling: dict = {}
 
     # pylint: disable=invalid-name,unused-argument
