@@ -8,8 +8,6 @@ and AnnotateTIROpPattern calls ``w[i, j] = f(packed[i, j // 8], scale[i, j // 32
 
 from __future__ import annotations
 
-import itertools
-
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.relax.dpl.pattern import GlobalVarPattern, TuplePattern, is_op, wildcard
@@ -33,13 +31,15 @@ def _patterns() -> list[tuple[relax.dpl.DFPattern, dict]]:
     matmul = _call_tir(wildcard(), dequantize)
     found = []
     for count in range(_MAX_EPILOGUES, -1, -1):
-        for shapes in itertools.product(("unary", "left", "right"), repeat=count):
-            node, annotations = matmul, {"dequantize": dequantize, "matmul": matmul}
-            for i, shape in enumerate(shapes):
-                args = {"unary": [node], "left": [node, wildcard()], "right": [wildcard(), node]}[shape]
-                node = _call_tir(*args)
-                annotations[f"epilogue{i}"] = node
-            found.append((node, annotations))
+        node, annotations = matmul, {"dequantize": dequantize, "matmul": matmul}
+        for i in range(count):
+            # One pattern with alternatives instead of one per argument position (3x faster on
+            # SmolLM2). Binary first: with the one-argument branch first, the matcher missed most
+            # residual adds (test_quantized_llama counts them).
+            args = TuplePattern([wildcard(), node]) | TuplePattern([node, wildcard()]) | TuplePattern([node])
+            node = is_op("relax.call_tir")(GlobalVarPattern(), args)
+            annotations[f"epilogue{i}"] = node
+        found.append((node, annotations))
     return found
 
 
@@ -52,17 +52,19 @@ def _is_dequantize(func) -> bool:
 
 
 def _checker(mod: tvm.IRModule):
-    def callee(call: relax.Call):
-        return mod[call.args[0]]
+    # Decided once per module: the check runs for every candidate match.
+    dequantize = {gv.name_hint for gv, func in mod.functions_items() if _is_dequantize(func)}
+    elementwise = {gv.name_hint for gv, func in mod.functions_items()
+                   if isinstance(func, tirx.PrimFunc) and int(func.attrs.get("op_pattern", 99)) <= _BROADCAST}
 
     def check(ctx: relax.transform.PatternCheckContext) -> bool:
         exprs = ctx.annotated_expr
-        if not _is_dequantize(callee(exprs["dequantize"])):
+        if exprs["dequantize"].args[0].name_hint not in dequantize:
             return False
         if not any(exprs["matmul"].args[0].name_hint.startswith(m) for m in _MATMULS):
             return False
         epilogues = [exprs[k] for k in sorted(exprs) if k.startswith("epilogue")]
-        if any(int(callee(e).attrs.get("op_pattern", 99)) > _BROADCAST for e in epilogues):
+        if any(e.args[0].name_hint not in elementwise for e in epilogues):
             return False
         # Every value but the last must be used only inside the group, or it would be lost.
         inner = [exprs["dequantize"], exprs["matmul"], *epilogues][:-1]

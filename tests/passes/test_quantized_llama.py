@@ -129,5 +129,7 @@ def test_dequantize_fuses_into_the_matmul_that_reads_it(hf_model):
     assert len(reads_packed) == QUANTIZED_MATMULS
     for kernel in reads_packed:
         assert block_names(kernel)[:2] == ["dequantize", "NT_matmul"], block_names(kernel)
+    # The residual adds after o_proj and down_proj stay fused as the matmul's epilogue.
+    assert sum(block_names(kernel) == ["dequantize", "NT_matmul", "T_add"] for kernel in reads_packed) == 2 * 2
     # No kernel writes a dequantized weight for another to read.
     assert not any(block_names(kernel) == ["dequantize"] for kernel, _ in kernels)
