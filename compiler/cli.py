@@ -1,4 +1,4 @@
-"""The ``relaxlm`` command line: compile, generate, chat."""
+"""The ``relaxlm`` command line: compile, generate, chat, bench, perplexity."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from relaxlm.frontends import FrontendError
     from relaxlm.passes import PassError
     from relaxlm.runtime import ArtifactError, GenerationError
+    from relaxlm.runtime.bench import BenchError
     from relaxlm.targets import TargetError
 
-    return (FrontendError, PassError, TargetError, CompileError, ArtifactError, GenerationError, ValueError)
+    return (FrontendError, PassError, TargetError, CompileError, ArtifactError, GenerationError, BenchError,
+            ValueError)
 
 
 def reports_errors(command):
@@ -127,6 +129,57 @@ def chat(artifact, system, max_tokens, device, **sampling):
             click.echo(piece, nl=False)
         click.echo()
         messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--prompt-len", type=int, default=128, show_default=True, help="Prompt tokens to prefill.")
+@click.option("--gen-len", type=int, default=64, show_default=True, help="Decode steps after the prompt.")
+@click.option("--runs", type=int, default=5, show_default=True, help="Timed runs after one warm-up (median).")
+@click.option("--compare", multiple=True, type=click.Choice(["llama.cpp", "transformers"]),
+              help="Also time this engine on the same model (repeatable).")
+@click.option("--source", default=None,
+              help="What the comparisons load: the HF directory, .gguf file or bundled alias the artifact was "
+                   "compiled from (default: found from the artifact's config).")
+@click.option("--threads", type=int, default=None, help="CPU threads for every engine (default: TVM_NUM_THREADS).")
+@click.option("--device", default="auto", show_default=True, help="Where relaxlm runs (the comparisons run on the CPU).")
+@reports_errors
+def bench(artifact, prompt_len, gen_len, runs, compare, source, threads, device):
+    """Time prefill and decode of a compiled ARTIFACT (tokens/s, batch 1), optionally against other engines."""
+    from relaxlm.runtime import load
+    from relaxlm.runtime.bench import bench as run_bench
+    from relaxlm.runtime.bench import check_comparisons, configure_threads, format_table
+
+    check_comparisons(list(compare))
+    configure_threads(threads)
+    if source is not None:
+        from relaxlm.frontends.sources import BUNDLED, resolve_bundled
+
+        source = resolve_bundled(source) if source in BUNDLED else source
+    model = load(artifact, device=device)
+    result = run_bench(model, prompt_len=prompt_len, gen_len=gen_len, runs=runs, compare=compare, source=source,
+                       progress=lambda line: click.echo(f"relaxlm: {line}", err=True))
+    click.echo(format_table(result))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A UTF-8 text file.")
+@click.option("--window", type=int, default=None, help="Tokens per window (default and maximum: the context window).")
+@click.option("--device", default="auto", show_default=True)
+@reports_errors
+def perplexity(artifact, text_file, window, device):
+    """Perplexity of a compiled ARTIFACT over a text file, in consecutive windows."""
+    from pathlib import Path
+
+    from relaxlm.runtime import load
+    from relaxlm.runtime.perplexity import perplexity as run_perplexity
+
+    model = load(artifact, device=device)
+    result = run_perplexity(model, Path(text_file).read_text(encoding="utf-8"), window=window)
+    click.echo(f"perplexity {result.perplexity:.4f} over {result.scored_tokens} tokens "
+               f"({result.windows} window(s) of up to {result.window} tokens)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,292 @@
+"""Prefill and decode speed of a compiled artifact, optionally against llama.cpp and transformers.
+
+Every engine runs the same work: prefill ``prompt_len`` token ids (drawn with a fixed seed), then
+``gen_len`` greedy decode steps. One warm-up round, then ``runs`` rounds; within a round the
+engines take turns, so that noise from the (shared) machine hits all of them alike. Each speed
+is the median over the rounds. Every engine gets the same number of threads as TVM's pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .engine import Model
+
+
+class BenchError(Exception):
+    """A benchmark that cannot run as asked (a missing package, no model file to compare with)."""
+
+
+def configure_threads(threads: int | None) -> None:
+    """Ask TVM's thread pool for ``threads`` threads, and stop it pinning the main thread (which
+    threads that torch starts later would inherit, TVM_NOTES trap 5). Takes effect only before
+    TVM's pool first runs in this process."""
+    if threads is not None:
+        if threads < 1:
+            raise BenchError(f"--threads must be at least 1, not {threads}")
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    os.environ["TVM_BIND_THREADS"] = "0"
+
+
+def tvm_threads() -> int:
+    """The number of threads TVM's pool runs with (starting the pool if it has not started)."""
+    import tvm
+
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
+# ---- engines -----------------------------------------------------------------------------------
+class Engine:
+    """One way of running the model: ``prefill`` a prompt into a fresh state, then ``decode``."""
+
+    name: str
+    detail: str
+
+    def prefill(self, token_ids: list[int]) -> int:
+        """Start over with ``token_ids`` as the prompt; returns the greedy next token."""
+        raise NotImplementedError
+
+    def decode(self, token_id: int) -> int:
+        """Append one token; returns the greedy next token."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Release the state of the last prompt."""
+
+
+class RelaxlmEngine(Engine):
+    """The compiled artifact."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.name = "relaxlm"
+        self.detail = f"{model.config['quantization']}, {model.config['target']}"
+        self.seq = None
+
+    def prefill(self, token_ids):
+        self.finish()
+        self.seq = self.model.new_sequence()
+        return int(self.seq.prefill(token_ids).argmax())
+
+    def decode(self, token_id):
+        return int(self.seq.decode(token_id).argmax())
+
+    def finish(self):
+        if self.seq is not None:
+            self.seq.close()
+            self.seq = None
+
+
+class LlamaCppEngine(Engine):
+    """llama-cpp-python running the GGUF file, on the CPU."""
+
+    def __init__(self, gguf: Path, threads: int, context: int):
+        import llama_cpp
+
+        self._llama_cpp = llama_cpp
+        self.name = "llama.cpp"
+        self.detail = gguf.name
+        self.llm = llama_cpp.Llama(str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads,
+                                   n_gpu_layers=0, verbose=False)
+
+    def _next(self) -> int:
+        logits = np.ctypeslib.as_array(self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1),
+                                       shape=(self.llm.n_vocab(),))
+        return int(logits.argmax())
+
+    def prefill(self, token_ids):
+        self.llm.reset()
+        self.llm.eval(token_ids)
+        return self._next()
+
+    def decode(self, token_id):
+        self.llm.eval([token_id])
+        return self._next()
+
+
+class TransformersEngine(Engine):
+    """Hugging Face transformers in float32 on the CPU, from a HF directory or the GGUF file."""
+
+    def __init__(self, source: Path, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        self._torch = torch
+        self.name = "transformers"
+        self.detail = f"float32, torch {torch.__version__.split('+')[0]}"
+        if source.is_dir():
+            self.model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
+                                                              dtype=torch.float32)
+        self.model.eval()
+        self.past = None
+
+    def _step(self, ids: list[int]) -> int:
+        with self._torch.inference_mode():
+            out = self.model(self._torch.tensor([ids]), past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def prefill(self, token_ids):
+        self.past = None
+        return self._step(list(token_ids))
+
+    def decode(self, token_id):
+        return self._step([token_id])
+
+    def finish(self):
+        self.past = None
+
+
+# What each comparison needs installed, and how to get it.
+REQUIREMENTS = {
+    "llama.cpp": [("llama_cpp", "pip install 'relaxlm[bench]' (llama-cpp-python)")],
+    "transformers": [("torch", "pip install torch"), ("transformers", "pip install transformers")],
+}
+
+
+def check_comparisons(names: list[str]) -> None:
+    """Fail at once, in one line, on an unknown comparison or one whose package is missing."""
+    for name in names:
+        if name not in REQUIREMENTS:
+            raise BenchError(f"unknown comparison '{name}' (known: {', '.join(REQUIREMENTS)})")
+        for module, install in REQUIREMENTS[name]:
+            if importlib.util.find_spec(module) is None:
+                raise BenchError(f"--compare {name} needs the '{module}' package: {install}")
+
+
+def source_of(model: Model, source: str | os.PathLike | None = None) -> Path:
+    """The model file the artifact was compiled from (for the comparisons): ``source`` if given,
+    else the one ``.gguf`` file or the HF directory that the recorded model config names."""
+    if source is not None:
+        path = Path(source)
+        if not path.exists():
+            raise BenchError(f"--source {source}: no such file or directory")
+        return path
+    recorded = model.config["model_config"].get("_name_or_path")
+    directory = Path(recorded) if recorded else None
+    if directory is not None and directory.is_dir():
+        ggufs = sorted(directory.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        if not ggufs and (directory / "config.json").is_file():
+            return directory
+    raise BenchError(
+        f"cannot tell which model file {model.path} was compiled from; "
+        "pass --source (the HF directory, .gguf file or bundled alias it was compiled from)"
+    )
+
+
+def _comparison(name: str, source: Path) -> Callable[[int, int], Engine]:
+    """How to build engine ``name`` from ``source`` (given threads and context); checks up front
+    that the source suits it, so that a mismatch fails before anything slow has started."""
+    if name == "llama.cpp":
+        if source.suffix.lower() != ".gguf":
+            raise BenchError(f"--compare llama.cpp needs a .gguf file, and {source} is not one; pass --source FILE.gguf")
+        return lambda threads, context: LlamaCppEngine(source, threads, context)
+    if source.is_dir() or source.suffix.lower() == ".gguf":
+        return lambda threads, context: TransformersEngine(source, threads)
+    raise BenchError(f"--compare transformers needs a HF directory or a .gguf file, not {source}")
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BenchRow:
+    """One engine's median speeds."""
+
+    engine: str
+    detail: str
+    prefill_tps: float
+    decode_tps: float
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchResult:
+    """The setup and one row per engine; the first row is relaxlm."""
+
+    setup: dict[str, Any]
+    rows: list[BenchRow]
+
+
+def _time_one(engine: Engine, prompt: list[int], gen_len: int) -> tuple[float, float]:
+    """Seconds for the prefill of ``prompt`` and for ``gen_len`` decode steps after it."""
+    start = time.perf_counter()
+    token = engine.prefill(prompt)
+    prefilled = time.perf_counter()
+    for _ in range(gen_len):
+        token = engine.decode(token)
+    decoded = time.perf_counter()
+    engine.finish()
+    return prefilled - start, decoded - prefilled
+
+
+def measure(engines: list[Engine], prompt: list[int], gen_len: int, runs: int,
+            progress: Callable[[str], None] | None = None) -> list[BenchRow]:
+    """A warm-up round, then ``runs`` rounds with the engines interleaved; median speeds."""
+    times: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(engines))}
+    for round_ in range(runs + 1):
+        if progress:
+            progress("warm-up" if round_ == 0 else f"run {round_}/{runs}")
+        for i, engine in enumerate(engines):
+            seconds = _time_one(engine, prompt, gen_len)
+            if round_ > 0:
+                times[i].append(seconds)
+    rows = []
+    for i, engine in enumerate(engines):
+        prefill = statistics.median(len(prompt) / p for p, _ in times[i])
+        decode = statistics.median(gen_len / d for _, d in times[i])
+        rows.append(BenchRow(engine.name, engine.detail, prefill, decode))
+    return rows
+
+
+def bench(model: Model, prompt_len: int = 128, gen_len: int = 64, runs: int = 5, compare: tuple[str, ...] = (),
+          source: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Benchmark ``model`` (and each engine named in ``compare``: ``llama.cpp``, ``transformers``).
+
+    Call :func:`configure_threads` before the model is loaded; every engine then gets TVM's thread
+    count. ``source`` is the model file the comparisons load (see :func:`source_of`)."""
+    for name, value, least in (("prompt length", prompt_len, 1), ("generation length", gen_len, 1), ("runs", runs, 1)):
+        if value < least:
+            raise BenchError(f"the {name} must be at least {least}, not {value}")
+    if prompt_len + gen_len > model.context_window:
+        raise BenchError(f"{prompt_len} + {gen_len} tokens exceed the context window of {model.context_window}")
+    check_comparisons(list(compare))
+    path = source_of(model, source) if compare else None
+    builders = {name: _comparison(name, path) for name in compare}
+    threads = tvm_threads()
+    engines: list[Engine] = [RelaxlmEngine(model)]
+    for name, build in builders.items():
+        if progress:
+            progress(f"loading {name} from {path}")
+        engines.append(build(threads, prompt_len + gen_len))
+    prompt = np.random.default_rng(0).integers(0, model.vocab_size, size=prompt_len).tolist()
+    rows = measure(engines, prompt, gen_len, runs, progress)
+    setup = {"artifact": str(model.path), "threads": threads, "prompt_len": prompt_len, "gen_len": gen_len,
+             "runs": runs, "cpus": os.cpu_count()}
+    return BenchResult(setup, rows)
+
+
+def format_table(result: BenchResult) -> str:
+    """The result as a text table: speeds, and relaxlm's speed divided by each engine's."""
+    s = result.setup
+    lines = [
+        f"{s['artifact']}: prompt {s['prompt_len']} tokens, {s['gen_len']} decode steps, batch 1, "
+        f"{s['threads']} threads ({s['cpus']} CPUs), median of {s['runs']} runs after a warm-up",
+        f"{'engine':<46} {'prefill tok/s':>13} {'decode tok/s':>12} {'relaxlm/x prefill':>17} {'relaxlm/x decode':>16}",
+    ]
+    ours = result.rows[0]
+    for row in result.rows:
+        label = f"{row.engine} ({row.detail})"
+        lines.append(f"{label:<46} {row.prefill_tps:>13.1f} {row.decode_tps:>12.1f} "
+                     f"{ours.prefill_tps / row.prefill_tps:>17.2f} {ours.decode_tps / row.decode_tps:>16.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""``relaxlm bench``: the table's structure (never its speeds) on a tiny model against transformers,
+and the one-line errors of comparisons that cannot run."""
+
+import importlib.util
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from llama_specs import LLAMA_SPECS
+from relaxlm.compiler.cli import main
+
+NUMBER = r"\d+(?:\.\d+)?"
+ROW = re.compile(rf"^(?P<label>.+?)\s+(?P<prefill>{NUMBER})\s+(?P<decode>{NUMBER})\s+(?P<rp>{NUMBER})\s+(?P<rd>{NUMBER})$")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    return tiny_models(LLAMA_SPECS["gqa_tied_fp16"])
+
+
+def _bench(*args):
+    return CliRunner().invoke(main, ["bench", *map(str, args)])
+
+
+def test_table_has_a_row_per_engine_with_positive_speeds_and_ratios(tiny):
+    result = _bench(tiny.artifact, "--prompt-len", 6, "--gen-len", 3, "--runs", 2, "--compare", "transformers",
+                    "--source", tiny.hf_dir)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert "prompt 6 tokens, 3 decode steps" in lines[0] and "median of 2 runs" in lines[0]
+    assert lines[1].split()[:5] == ["engine", "prefill", "tok/s", "decode", "tok/s"]
+    assert "relaxlm/x prefill" in lines[1] and "relaxlm/x decode" in lines[1]
+    rows = [ROW.match(line) for line in lines[2:]]
+    assert all(rows), lines[2:]
+    assert [r["label"].split()[0] for r in rows] == ["relaxlm", "transformers"]
+    for r in rows:
+        assert all(float(r[key]) > 0 for key in ("prefill", "decode", "rp", "rd"))
+    # The first row is relaxlm against itself.
+    assert float(rows[0]["rp"]) == float(rows[0]["rd"]) == 1.0
+
+
+def test_comparison_asks_for_source_when_the_config_records_none(tiny):
+    # A HF directory's config.json records no path, so the comparison needs --source.
+    result = _bench(tiny.artifact, "--prompt-len", 4, "--gen-len", 1, "--runs", 1, "--compare", "transformers")
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1
+    assert "pass --source" in result.output
+
+
+def _pretend_installed(monkeypatch, module, installed):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: (object() if installed else None) if name == module else real(name, *args))
+
+
+def test_a_comparison_whose_package_is_missing_says_what_to_install(tiny, monkeypatch):
+    _pretend_installed(monkeypatch, "llama_cpp", installed=False)
+    result = _bench(tiny.artifact, "--compare", "llama.cpp")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "relaxlm: error: --compare llama.cpp needs the 'llama_cpp' package: pip install 'relaxlm[bench]' "
+        "(llama-cpp-python)"
+    ]
+
+
+def test_llama_cpp_needs_a_gguf_file(tiny, monkeypatch):
+    _pretend_installed(monkeypatch, "llama_cpp", installed=True)
+    result = _bench(tiny.artifact, "--prompt-len", 4, "--gen-len", 1, "--compare", "llama.cpp", "--source", tiny.hf_dir)
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1
+    assert "--compare llama.cpp needs a .gguf file" in result.output
