@@ -17,6 +17,10 @@ import numpy as np
 
 from .engine import GenerationError, Model
 
+# TVM 0.27's paged KV cache refuses a token tree (what ``verify`` appends) over 256 tokens
+# (``kTreeAttnMaxTreeSize``).
+MAX_VERIFY_TOKENS = 256
+
 
 @dataclasses.dataclass(frozen=True)
 class PerplexityResult:
@@ -47,7 +51,7 @@ def _logits_after_each(model: Model, token_ids: list[int]) -> np.ndarray:
     """Logits after each of ``token_ids`` (n, vocab), appended to a fresh sequence.
 
     ``verify`` returns every position's logits in one call (``prefill`` only the last), so the
-    window goes through it in chunks of ``model.max_append``. Its tree-attention kernel knows
+    window goes through it in chunks of ``model.max_append`` (at most ``MAX_VERIFY_TOKENS``). Its tree-attention kernel knows
     nothing of sliding windows, so a model with sliding-window layers goes through ``decode``, one
     token per call, the path that is exact for those layers.
     """
@@ -56,8 +60,9 @@ def _logits_after_each(model: Model, token_ids: list[int]) -> np.ndarray:
         if model.config.get("sliding_window") or model.max_append == 1:
             rows = [seq.decode(token)[None, :] for token in token_ids]
         else:
-            for start in range(0, len(token_ids), model.max_append):
-                rows.append(seq.verify(token_ids[start : start + model.max_append]))
+            step = min(model.max_append, MAX_VERIFY_TOKENS)
+            for start in range(0, len(token_ids), step):
+                rows.append(seq.verify(token_ids[start : start + step]))
     return np.concatenate(rows)
 
 
