@@ -1,13 +1,9 @@
 """Real weights: SmolLM2-135M-Instruct from the bundled GGUF, compiled at q0f32, against
 transformers loading the same GGUF (both dequantize it to float32)."""
 
-import os
-
 import pytest
 import torch
 
-from relaxlm.compiler import compile_model
-from relaxlm.frontends.sources import resolve_bundled
 from relaxlm.runtime import load
 
 pytestmark = pytest.mark.real
@@ -16,24 +12,13 @@ NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-    return resolve_bundled("smollm2-135m")
+def reference(smollm2_reference):
+    return smollm2_reference
 
 
 @pytest.fixture(scope="module")
-def reference(gguf_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory, file = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file, dtype=torch.float32).eval()
-    return tokenizer, model
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    return compile_model("smollm2-135m", target="llvm", quantization="q0f32",
-                         output=tmp_path_factory.mktemp("real") / "smollm2-135m-q0f32-llvm")
+def artifact(smollm2_artifacts):
+    return smollm2_artifacts("q0f32")
 
 
 def _chat_ids(tokenizer):

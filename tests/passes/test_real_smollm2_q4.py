@@ -6,7 +6,6 @@ import math
 import pytest
 
 from relaxlm import frontends
-from relaxlm.compiler import compile_model
 from relaxlm.runtime import load
 
 pytestmark = pytest.mark.real
@@ -16,9 +15,8 @@ MAX_BYTES_PER_PARAMETER = 0.6
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    return compile_model("smollm2-135m", target="llvm", quantization="q4f32_1",
-                         output=tmp_path_factory.mktemp("real") / "smollm2-135m-q4f32_1-llvm")
+def artifact(smollm2_artifacts):
+    return smollm2_artifacts("q4f32_1")
 
 
 def parameter_count() -> int:
