@@ -2,24 +2,26 @@
 
 :data:`TARGETS` is the registry. A target knows its TVM ``Target``, its dlight schedule rules,
 the dtype it computes fastest in, the default quantization, its library format and the runtime
-device it runs on.
+device it runs on. Names are ``kind`` or ``kind:arch`` (``cuda:sm_86``, ``metal:m2``); ``auto``
+is the best device on this machine. The GPU recipes live in :mod:`.gpu`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
 import tvm
 from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
+from tvm.relax.backend.cuda import pipeline as cuda_backend
+from tvm.relax.backend.gpu_generic import pipeline as gpu_backend
 
-from . import cpu_schedules
-
-
-class TargetError(Exception):
-    """A target name that cannot be built here; the message says what to do instead."""
+from . import cpu_schedules, gpu
+from .errors import TargetError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,16 +38,25 @@ class TargetRecipe:
     device: str
     compute_dtype: str
     default_quantization: str
+    # ``lib.so`` loads where it was built for; ``lib.tar`` holds objects that the machine that
+    # runs them links at load (a Mac for Metal, TVM's web runtime for WebGPU).
     library_file: str
+    # The architecture when the name has none (None: the target takes none, or has no default).
+    default_arch: Callable[[], str | None] = lambda: None
+    # Writes the library to a path: (executable, path, arch). Plain ``export_library`` by default.
+    exporter: Callable[[object, Path, str | None], None] = lambda executable, path, _arch: (
+        executable.export_library(str(path)))
+    # The architecture this recipe builds for, set by :func:`resolve`.
+    arch: str | None = None
 
     def export_library(self, executable, directory) -> str:
         """Write the compiled library into ``directory``; returns its file name."""
-        executable.export_library(str(directory / self.library_file))
+        self.exporter(executable, Path(directory) / self.library_file, self.arch)
         return self.library_file
 
     def tvm_target(self, arch: str | None = None) -> tvm.target.Target:
         """The TVM target, for ``arch`` when the name had one (``cuda:sm_86``)."""
-        return self.make_target(arch)
+        return self.make_target(arch or self.arch)
 
 
 def _host_llvm(arch: str | None) -> tvm.target.Target:
@@ -73,6 +84,55 @@ TARGETS: dict[str, TargetRecipe] = {
         default_quantization="q4f32_1",
         library_file="lib.so",
     ),
+    "cuda": TargetRecipe(
+        name="cuda",
+        description="an NVIDIA GPU (cuda:sm_75 ... cuda:sm_90; default: this machine's GPU)",
+        make_target=gpu.cuda_target,
+        schedule_rules=gpu.gpu_rules,
+        backend=cuda_backend,
+        device="cuda",
+        compute_dtype="float16",
+        # The design's GPU default is q4f16_1; until 4-bit schemes exist, unquantized fp16.
+        default_quantization="q0f16",
+        library_file="lib.so",
+        default_arch=gpu.cuda_default_arch,
+        exporter=gpu.export_cuda,
+    ),
+    "metal": TargetRecipe(
+        name="metal",
+        description="an Apple-silicon GPU (metal:m1, metal:m2; default m1, which runs on all)",
+        make_target=gpu.metal_target,
+        schedule_rules=gpu.gpu_rules,
+        backend=gpu_backend,
+        device="metal",
+        compute_dtype="float16",
+        default_quantization="q0f16",
+        library_file="lib.tar",
+        default_arch=lambda: "m1",
+    ),
+    "vulkan": TargetRecipe(
+        name="vulkan",
+        description="a Vulkan GPU (needs a TVM built with Vulkan)",
+        make_target=gpu.vulkan_target,
+        schedule_rules=gpu.gpu_rules,
+        backend=gpu_backend,
+        device="vulkan",
+        compute_dtype="float16",
+        default_quantization="q0f16",
+        library_file="lib.so",
+    ),
+    "webgpu": TargetRecipe(
+        name="webgpu",
+        description="WebGPU in a browser, through TVM's web runtime",
+        make_target=gpu.webgpu_target,
+        schedule_rules=gpu.gpu_rules,
+        backend=gpu_backend,
+        device="webgpu",
+        # WGSL's f16 is an optional device feature (shader-f16); fp32 runs everywhere.
+        compute_dtype="float32",
+        default_quantization="q0f32",
+        library_file="lib.tar",
+    ),
 }
 
 
@@ -85,15 +145,30 @@ class ResolvedTarget:
     target: tvm.target.Target
 
 
+def best_local() -> str:
+    """The target ``auto`` means here: the first local GPU that can also be built for here (CUDA
+    with nvcc, Metal, Vulkan with a TVM that has its codegen), else the CPU (``llvm``)."""
+    if gpu.local_cuda_arch() is not None and shutil.which("nvcc") is not None:
+        return "cuda"
+    if tvm.metal(0).exist:
+        return "metal"
+    if tvm.vulkan(0).exist and tvm.get_global_func("target.build.vulkan", allow_missing=True) is not None:
+        return "vulkan"
+    return "llvm"
+
+
 def resolve(name: str) -> ResolvedTarget:
-    """``llvm``, ``auto`` or ``kind:arch`` → the recipe and TVM target; unknown names are an error."""
+    """``kind``, ``kind:arch`` or ``auto`` → the recipe (with its architecture) and TVM target;
+    unknown names, and targets that cannot be built here, are a :class:`TargetError`."""
     if name == "auto":
-        name = "llvm"
+        name = best_local()
     kind, _, arch = name.partition(":")
     if kind not in TARGETS:
         raise TargetError(f"unknown target '{name}' (known: {', '.join(['auto', *TARGETS])})")
     recipe = TARGETS[kind]
-    return ResolvedTarget(name=name, recipe=recipe, target=recipe.tvm_target(arch or None))
+    arch = arch or recipe.default_arch()
+    recipe = dataclasses.replace(recipe, arch=arch)
+    return ResolvedTarget(name=f"{kind}:{arch}" if arch else kind, recipe=recipe, target=recipe.tvm_target())
 
 
-__all__ = ["TARGETS", "ResolvedTarget", "TargetError", "TargetRecipe", "resolve"]
+__all__ = ["TARGETS", "ResolvedTarget", "TargetError", "TargetRecipe", "best_local", "resolve"]
