@@ -1,0 +1,61 @@
+"""On a CUDA GPU: models built for this GPU against the CPU float32 artifact of the same weights
+(the reference, itself checked against transformers): the same greedy tokens.
+
+Tiny models at q0f32 (the same arithmetic, only summation order differs) and SmolLM2-135M at the
+GPU default q0f16. Skipped, with the reason, where TVM sees no CUDA device. (The skip is here, not
+in a tests/gpu/conftest.py: a second ``conftest`` module would shadow the one the specs import.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import tvm
+
+from family_checks import PROMPT
+from gemma3_specs import GEMMA3_SPECS
+from llama_specs import LLAMA_SPECS
+from olmo_specs import OLMO_SPECS
+from relaxlm.compiler import compile_model
+from relaxlm.runtime import load
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not tvm.cuda(0).exist, reason="no CUDA device here (tvm.cuda(0).exist is False)"),
+]
+NEW_TOKENS = 16
+SPECS = {
+    "llama": LLAMA_SPECS["gqa_tied_fp16"],
+    "gemma3": GEMMA3_SPECS["sliding_global_softcap"],
+    "olmo3": OLMO_SPECS["olmo3_sliding_yarn"],
+}
+
+
+def greedy_tokens(model, prompt: list[int], count: int) -> list[int]:
+    """The first ``count`` greedy tokens after ``prompt``, one prefill then decode steps."""
+    tokens = []
+    with model.new_sequence() as seq:
+        logits = seq.prefill(prompt)
+        for _ in range(count):
+            tokens.append(int(logits.argmax()))
+            logits = seq.decode(tokens[-1])
+    return tokens
+
+
+@pytest.mark.parametrize("family", SPECS)
+def test_tiny_model_on_cuda_gives_the_cpu_greedy_tokens(tiny_models, tmp_path, family):
+    tiny = tiny_models(SPECS[family])
+    # "cuda" with no architecture: this machine's GPU.
+    artifact = compile_model(tiny.hf_dir, target="cuda", quantization="q0f32", output=tmp_path / "cuda")
+    on_gpu = load(artifact)
+    assert on_gpu.device.device_type == tvm.cuda(0).device_type
+    assert greedy_tokens(on_gpu, PROMPT, NEW_TOKENS) == greedy_tokens(tiny.model, PROMPT, NEW_TOKENS)
+
+
+@pytest.mark.real
+def test_smollm2_fp16_on_cuda_gives_the_cpu_fp32_greedy_tokens(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smollm2-gpu")
+    cpu = load(compile_model("smollm2-135m", target="llvm", quantization="q0f32", output=root / "cpu"))
+    gpu = load(compile_model("smollm2-135m", target="cuda", quantization="q0f16", output=root / "cuda"))
+    question = "What is the capital of France?"
+    assert gpu.generate(question, chat=True, max_tokens=NEW_TOKENS) == cpu.generate(question, chat=True,
+                                                                                   max_tokens=NEW_TOKENS)
