@@ -52,7 +52,7 @@ def main():
 
 @main.command()
 @click.argument("model")
-@click.option("--target", default="auto", show_default=True, help="llvm, or auto for the best local device.")
+@click.option("--target", default="auto", show_default=True, help="auto (best local device), llvm, cuda[:sm_XX], metal[:m1|m2], vulkan or webgpu.")
 @click.option("--quantization", default=None, help="q0f32, q0f16 … (default: the target's).")
 @click.option("--output", type=click.Path(), default=None, help="Artifact directory (default: dist/<name>-<q>-<target>).")
 @click.option("--context-window", type=int, default=None, help="Cap the context window (tokens).")

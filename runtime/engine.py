@@ -42,6 +42,11 @@ def _device(requested: str, compiled_for: str) -> tvm.runtime.Device:
     kind, _, index = kind.partition(":")
     if kind != compiled_for:
         raise ArtifactError(f"this artifact was compiled for {compiled_for}, not {kind}; recompile with --target")
+    if kind not in DEVICES:
+        raise ArtifactError(
+            f"this artifact was compiled for {compiled_for}, which relaxlm's Python runtime cannot run "
+            "(a webgpu artifact runs in a browser through TVM's web runtime)"
+        )
     device = DEVICES[kind](int(index or 0))
     if not device.exist:
         raise ArtifactError(f"no {kind} device is available on this machine")

@@ -219,3 +219,10 @@ def test_our_matmul_rule_schedules_fp16_matmuls_without_tensor_intrinsics(target
     script = scheduled.script()
     assert "blockIdx.x" in script and "threadIdx" in script
     assert not any(word in script for word in ("mma", "wmma", "simdgroup")), "tensorized"
+
+
+def test_the_python_runtime_refuses_a_webgpu_artifact_in_one_line(artifacts):
+    from relaxlm.runtime import ArtifactError, load
+
+    with pytest.raises(ArtifactError, match="web runtime"):
+        load(artifacts("llama", "webgpu"))
