@@ -9,6 +9,7 @@ is the best device on this machine. The GPU recipes live in :mod:`.gpu`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -69,6 +70,13 @@ def _host_llvm(arch: str | None) -> tvm.target.Target:
     )
 
 
+# What GPU targets share. The design's GPU default is q4f16_1: until it has run on a GPU,
+# unquantized fp16.
+_gpu_recipe = functools.partial(
+    TargetRecipe, schedule_rules=gpu.gpu_rules, backend=gpu_backend, compute_dtype="float16",
+    default_quantization="q0f16",
+)
+
 TARGETS: dict[str, TargetRecipe] = {
     "llvm": TargetRecipe(
         name="llvm",
@@ -84,49 +92,35 @@ TARGETS: dict[str, TargetRecipe] = {
         default_quantization="q4f32_1",
         library_file="lib.so",
     ),
-    "cuda": TargetRecipe(
+    "cuda": _gpu_recipe(
         name="cuda",
         description="an NVIDIA GPU (cuda:sm_75 ... cuda:sm_90; default: this machine's GPU)",
         make_target=gpu.cuda_target,
-        schedule_rules=gpu.gpu_rules,
         backend=cuda_backend,
         device="cuda",
-        compute_dtype="float16",
-        # The design's GPU default is q4f16_1; until 4-bit schemes exist, unquantized fp16.
-        default_quantization="q0f16",
         library_file="lib.so",
         default_arch=gpu.cuda_default_arch,
         exporter=gpu.export_cuda,
     ),
-    "metal": TargetRecipe(
+    "metal": _gpu_recipe(
         name="metal",
         description="an Apple-silicon GPU (metal:m1, metal:m2; default m1, which runs on all)",
         make_target=gpu.metal_target,
-        schedule_rules=gpu.gpu_rules,
-        backend=gpu_backend,
         device="metal",
-        compute_dtype="float16",
-        default_quantization="q0f16",
         library_file="lib.tar",
         default_arch=lambda: "m1",
     ),
-    "vulkan": TargetRecipe(
+    "vulkan": _gpu_recipe(
         name="vulkan",
         description="a Vulkan GPU (needs a TVM built with Vulkan)",
         make_target=gpu.vulkan_target,
-        schedule_rules=gpu.gpu_rules,
-        backend=gpu_backend,
         device="vulkan",
-        compute_dtype="float16",
-        default_quantization="q0f16",
         library_file="lib.so",
     ),
-    "webgpu": TargetRecipe(
+    "webgpu": _gpu_recipe(
         name="webgpu",
         description="WebGPU in a browser, through TVM's web runtime",
         make_target=gpu.webgpu_target,
-        schedule_rules=gpu.gpu_rules,
-        backend=gpu_backend,
         device="webgpu",
         # WGSL's f16 is an optional device feature (shader-f16); fp32 runs everywhere.
         compute_dtype="float32",

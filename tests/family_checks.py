@@ -65,18 +65,28 @@ def batch_vs_single_errors(model, prefixes, chunks, decode_rounds) -> list[float
     return errors
 
 
+def greedy_tokens(model, prompt: list[int], count: int) -> list[int]:
+    """Our first ``count`` greedy tokens after ``prompt``: one prefill, then decode steps."""
+    tokens = []
+    with model.new_sequence() as seq:
+        logits = seq.prefill(prompt)
+        for _ in range(count):
+            tokens.append(int(np.argmax(logits)))
+            logits = seq.decode(tokens[-1])
+    return tokens
+
+
+def reference_greedy_tokens(hf_model, prompt: list[int], count: int, pad_token_id=0) -> list[int]:
+    """transformers' first ``count`` greedy tokens after ``prompt`` (EOS does not stop it)."""
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=count, do_sample=False,
+                                eos_token_id=None, pad_token_id=pad_token_id)
+    return out[0, len(prompt):].tolist()
+
+
 def greedy_tokens_agree(tiny: TinyModel, prompt=PROMPT, steps: int = 10) -> tuple[list[int], list[int]]:
     """Greedy continuations of ``prompt``: ours and transformers' ``generate``."""
-    with torch.no_grad():
-        reference = tiny.reference.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False,
-                                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    ours = []
-    with tiny.model.new_sequence() as seq:
-        logits = seq.prefill(prompt)
-        for _ in range(steps):
-            ours.append(int(np.argmax(logits)))
-            logits = seq.decode(ours[-1])
-    return ours, reference
+    return greedy_tokens(tiny.model, prompt, steps), reference_greedy_tokens(tiny.reference, prompt, steps)
 
 
 def family_tests(specs: dict):

@@ -9,6 +9,7 @@ norm weights that llama.cpp stores as ``1 + w``.
 import pytest
 import torch
 
+from family_checks import greedy_tokens, reference_greedy_tokens
 from relaxlm.compiler import compile_model
 from relaxlm.frontends.sources import resolve_bundled
 from relaxlm.runtime import load
@@ -43,16 +44,8 @@ def artifact(tmp_path_factory):
 def test_first_32_greedy_tokens_match_transformers(reference, artifact):
     tokenizer, hf_model = reference
     prompt = tokenizer(PROMPT)["input_ids"]
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
-    expected = out[0, len(prompt):].tolist()
+    expected = reference_greedy_tokens(hf_model, prompt, NEW_TOKENS, tokenizer.pad_token_id)
     model = load(artifact)
     assert model.tokenizer(PROMPT)["input_ids"] == prompt, "the artifact's tokenizer differs from the reference's"
-    ours = []
-    with model.new_sequence() as seq:
-        logits = seq.prefill(prompt)
-        for _ in range(NEW_TOKENS):
-            ours.append(int(logits.argmax()))
-            logits = seq.decode(ours[-1])
+    ours = greedy_tokens(model, prompt, NEW_TOKENS)
     assert ours == expected, (tokenizer.decode(ours), tokenizer.decode(expected))

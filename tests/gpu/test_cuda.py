@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import tvm
 
-from family_checks import PROMPT
+from family_checks import PROMPT, greedy_tokens
 from gemma3_specs import GEMMA3_SPECS
 from llama_specs import LLAMA_SPECS
 from olmo_specs import OLMO_SPECS
@@ -28,17 +28,6 @@ SPECS = {
     "gemma3": GEMMA3_SPECS["sliding_global_softcap"],
     "olmo3": OLMO_SPECS["olmo3_sliding_yarn"],
 }
-
-
-def greedy_tokens(model, prompt: list[int], count: int) -> list[int]:
-    """The first ``count`` greedy tokens after ``prompt``, one prefill then decode steps."""
-    tokens = []
-    with model.new_sequence() as seq:
-        logits = seq.prefill(prompt)
-        for _ in range(count):
-            tokens.append(int(logits.argmax()))
-            logits = seq.decode(tokens[-1])
-    return tokens
 
 
 @pytest.mark.parametrize("family", SPECS)
