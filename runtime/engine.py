@@ -12,8 +12,10 @@ from typing import Any, Sequence as Seq
 
 import numpy as np
 import tvm
-from tvm import relax
 from tvm.runtime import ShapeTuple
+# Not ``tvm.relax``: importing it needs the TVM compiler library, which a runtime-only TVM
+# (TVM_USE_RUNTIME_LIB=1, as deployed to a GPU machine) does not have.
+from tvm.runtime.vm import VirtualMachine
 
 from .artifact import ArtifactError, read_config, verify_weights
 
@@ -47,10 +49,34 @@ def _device(requested: str, compiled_for: str) -> tvm.runtime.Device:
             f"this artifact was compiled for {compiled_for}, which relaxlm's Python runtime cannot run "
             "(a webgpu artifact runs in a browser through TVM's web runtime)"
         )
+    _load_device_runtime(kind)
     device = DEVICES[kind](int(index or 0))
     if not device.exist:
         raise ArtifactError(f"no {kind} device is available on this machine")
     return device
+
+
+def _load_device_runtime(kind: str) -> None:
+    """Make sure TVM's runtime for ``kind`` (``libtvm_runtime_<kind>.so``) is loaded.
+
+    ``import tvm`` loads it with the compiler, but a runtime-only TVM (``TVM_USE_RUNTIME_LIB=1``,
+    as deployed next to an artifact) loads no device backend: without this, every GPU device
+    reads as absent ("Device API cuda is not enabled")."""
+    if kind == "cpu" or tvm.get_global_func(f"device_api.{kind}", allow_missing=True) is not None:
+        return
+    from tvm.base import _LOADED_LIBS
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    name = f"tvm_runtime_{kind}"
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    if not (runtime_dir / f"lib{name}.so").is_file():
+        return  # built into libtvm_runtime (or not at all): device.exist says which
+    try:
+        _LOADED_LIBS[name] = load_lib_ctypes(package="tvm", target_name=name, extra_lib_paths=[runtime_dir],
+                                             mode="RTLD_LOCAL")
+    except (OSError, RuntimeError) as err:
+        raise ArtifactError(f"no {kind} device is available on this machine: TVM's {kind} runtime "
+                            f"(lib{name}.so) cannot be loaded ({err})") from None
 
 
 def _load_params(path: Path, config: dict[str, Any], device) -> list:
@@ -89,7 +115,7 @@ class Model:
         self.config = read_config(self.path)
         verify_weights(self.path, self.config)
         self.device = _device(device, self.config["device"])
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.path / self.config["library"])), self.device)
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(self.path / self.config["library"])), self.device)
         self.params = _load_params(self.path, self.config, self.device)
         self.context_window = self.config["context_window_size"]
         self.prefill_chunk = self.config["prefill_chunk_size"]

@@ -9,7 +9,9 @@ Three things about TVM 0.27 (the PyPI wheel) shape this file:
 - Without the NVIDIA driver (``libcuda.so.1``) TVM cannot load its CUDA runtime, and the CUDA module
   it builds carries CUDA *source* only. :func:`export_cuda` compiles that source with ``nvcc`` into
   a fatbin for the requested architecture (SASS plus PTX) and embeds the fatbin instead, so the
-  ``.so`` loads on any machine with the driver, without a CUDA compiler there.
+  ``.so`` loads on any machine with the driver, without a CUDA compiler there. (Checked: ``sm_90``
+  artifacts built without a GPU ran on an H100 with a runtime-only TVM; see
+  ``tests/gpu/device_check.py``.)
 - The wheel has no Vulkan code generator: the ``vulkan`` target checks for it at run time.
 """
 
