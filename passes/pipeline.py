@@ -38,6 +38,26 @@ def fusion_passes() -> list[tvm.transform.Pass]:
     ]
 
 
+def _replace_hand_scheduled(rules: list) -> list[tvm.transform.Pass]:
+    """dlight skips kernels marked scheduled, such as the paged KV cache's attention; a rule with
+    a ``replaces`` attribute (a kernel name) supplies its own schedule for the kernel of that name."""
+    replacing = {rule.replaces: rule for rule in rules if hasattr(rule, "replaces")}
+    if not replacing:
+        return []
+
+    @tvm.transform.module_pass(opt_level=0, name="ReplaceHandScheduled")
+    def run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        target = tvm.target.Target.current()
+        for gv, func in list(mod.functions_items()):
+            rule = replacing.get(gv.name_hint)
+            sch = rule.apply(func, target, False) if rule is not None else None
+            if sch is not None:
+                mod[gv] = sch.mod["main"].with_attrs(func.attrs)
+        return mod
+
+    return [run]
+
+
 def relax_pipeline(target: tvm.target.Target, recipe, debug_dump: Path | None = None):
     """Legalize, fuse, schedule and lower for ``target``. ``recipe`` (a ``targets.TargetRecipe``)
     gives the dlight schedule rules and TVM's backend pass lists for the device."""
@@ -52,6 +72,7 @@ def relax_pipeline(target: tvm.target.Target, recipe, debug_dump: Path | None = 
         + fusion_passes()
         + _dump(debug_dump, "1_fused")
         + ([dlight.ApplyDefaultSchedule(*schedule_rules)] if schedule_rules else [])
+        + _replace_hand_scheduled(schedule_rules)
         + _dump(debug_dump, "2_scheduled")
         + backend.dataflow_lower_passes(target)
         + backend.finalize_passes(target)

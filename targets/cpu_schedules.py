@@ -14,20 +14,31 @@ words and unpacks them in registers: the ``k`` lanes are split into vectors of o
 codes, which makes the word index uniform across a vector (one broadcast load, then a vector
 shift). With several rows (prefill) each parallel task first dequantizes its block of weight rows
 into a local buffer and multiplies every activation row with it.
+
+:class:`DecodeAttention` replaces the CPU decode kernel of TVM's paged KV cache, which runs every
+query head one after the other with scalar code and rescales the output after every key; here the
+heads run in parallel, ``q . k`` is vectorised and the online softmax rescales once per page.
 """
 
 from __future__ import annotations
+
+import math
 
 from tvm import s_tir, tirx
 from tvm.ir import TensorLoad
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.script import tirx as T
 from tvm.target import Target
 
-# Output rows per parallel task: the rows' weights (rows x K floats) stay in cache while every
-# activation row (prefill) is multiplied with them.
+# Output rows per parallel task of the row-wise dot products (decode).
 _ROWS_PER_TASK = 16
+# Output rows that share each activation vector in the decode loop (4 x 2 accumulators).
+_INTERLEAVED_ROWS = 4
+# Output rows per prefill task: the transposed dequantized block (_BLOCK_ROWS x K floats) stays in
+# L2, and its outputs for one activation row fill 8 AVX2 registers.
+_BLOCK_ROWS = 64
 # Elements of K per accumulator: two AVX2 vectors, so two independent FMA chains per row.
 _K_LANES = 16
 # The block FuseTIR leaves for a fused dequantize (passes.quantization's TE op).
@@ -120,36 +131,40 @@ class NTMatmul(CPUScheduleRule):
                 dequantize = []
             if not _is_nt_matmul(sch.get(matmul.block_rv)):
                 return None
+            epilogues = [e.block_rv for e in epilogues]
+            block_rows = _largest_divisor(int(j.dom), (_BLOCK_ROWS, 32, 16, 8))
+            if dequantize and block_rows is not None:
+                return _schedule_blocked(sch, matmul.block_rv, epilogues, dequantize, block_rows)
             rows = _largest_divisor(int(j.dom), (_ROWS_PER_TASK, 8, 4, 2, 1))
             lanes = _largest_divisor(int(k.dom), (_K_LANES, 8, 4))
-            if lanes is None:
+            if lanes is None or dequantize:
                 return None
             vector = _PACKED_LANES if unpack and lanes % _PACKED_LANES == 0 else lanes
-            return self._schedule(sch, matmul.block_rv, [e.block_rv for e in epilogues], dequantize, rows, lanes,
-                                  vector)
+            return self._schedule(sch, matmul.block_rv, epilogues, rows, lanes, vector)
         except s_tir.ScheduleError:
             return None
 
     @staticmethod
-    def _schedule(sch: s_tir.Schedule, block, epilogues, dequantize, rows: int, lanes: int,  # pylint: disable=too-many-arguments
-                  vector: int) -> s_tir.Schedule:
+    def _schedule(sch: s_tir.Schedule, block, epilogues, rows: int, lanes: int, vector: int) -> s_tir.Schedule:  # pylint: disable=too-many-arguments
+        """Row-wise dot products (decode, and unquantized matmuls): lanes of ``k`` accumulate
+        separately (``rfactor``) and are summed per output row."""
         *batch, j, k = sch.get_loops(block)
         m = sch.fuse(*batch) if batch else sch.add_unit_loop(block)
         jo, ji = sch.split(j, [None, rows])
+        # Rows side by side in the inner loop: each activation vector is loaded once for all of
+        # them, and their FMA chains are independent (one row alone waits on FMA latency).
+        jio, jii = sch.split(ji, [None, _largest_divisor(rows, (_INTERLEAVED_ROWS, 2, 1))])
         ko, ki = sch.split(k, [None, lanes])
-        sch.reorder(jo, m, ji, ko, ki)
+        sch.reorder(jo, m, jio, ko, jii, ki)
         partial = sch.rfactor(ki, factor_axis=0)
         # rfactor leaves the final sum over the lanes in a loop nest of its own; bring it (and the
-        # epilogue) under the row loop so the lane accumulator shrinks to a per-row local buffer.
-        jo, _, ji, ko, ki = sch.get_loops(partial)
-        sch.reverse_compute_at(block, ji)
+        # epilogue) under the row loop so the lane accumulators shrink to a local buffer.
+        jo, _, jio, ko, jii, ki = sch.get_loops(partial)
+        sch.reverse_compute_at(block, jio)
         for epilogue in epilogues:
-            sch.reverse_compute_at(epilogue, ji)
-        for producer in dequantize:
-            # Each task dequantizes its rows once, for all activation rows.
-            sch.compute_at(producer, jo)
-            sch.vectorize(sch.split(sch.get_loops(producer)[-1], [None, lanes])[-1])
+            sch.reverse_compute_at(epilogue, jio)
         sch.parallel(jo)
+        sch.unroll(jii)
         if vector < lanes:
             # Vectors of one packed word's codes, unrolled to keep lanes / vector FMA chains.
             ku, kv = sch.split(ki, [None, vector])
@@ -162,9 +177,139 @@ class NTMatmul(CPUScheduleRule):
         return sch
 
 
+def _schedule_blocked(sch: s_tir.Schedule, block, epilogues, dequantize, rows: int) -> s_tir.Schedule:
+    """Several activation rows (prefill) against a dequantized weight: each parallel task
+    dequantizes ``rows`` weight rows, transposed to ``[k, j]``, and multiplies every
+    activation row with them as a sum of outer products: per ``k`` one broadcast activation value
+    and one FMA per vector of the block's outputs, which stay in registers for the whole row."""
+    *batch, j, k = sch.get_loops(block)
+    m = sch.fuse(*batch)
+    jo, ji = sch.split(j, [None, rows])
+    sch.reorder(jo, m, k, ji)
+    accumulator = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(accumulator, m)
+    for epilogue in epilogues:
+        sch.reverse_compute_at(epilogue, m)
+    for producer in dequantize:
+        sch.compute_at(producer, jo)
+        sch.transform_layout(producer, ("write", 0), lambda row, col: (col, row))
+        sch.vectorize(sch.split(sch.get_loops(producer)[-1], [None, _F32_LANES])[-1])
+    sch.parallel(jo)
+    sch.vectorize(ji)
+    sch.vectorize(sch.get_loops(sch.decompose_reduction(block, k))[-1])
+    return sch
+
+
+# float32 lanes of one AVX2 vector.
+_F32_LANES = 8
+# TVM's "minus infinity" for running maxima: exp2 of (it - a real score) is exactly 0 in float32.
+_NEG = -5e4
+_LOG2_E = math.log2(math.e)
+
+
+class DecodeAttention(CPUScheduleRule):
+    """Replaces TVM's CPU decode attention over the paged KV cache (``replaces`` names it; the
+    pipeline offers it this hand-scheduled kernel) with :func:`decode_attention_cpu`."""
+
+    replaces = "batch_decode_paged_kv_cpu"
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not (isinstance(func, tirx.PrimFunc) and self.is_target_available(target)
+                and func.attrs.get("global_symbol") == self.replaces):
+            return None
+        # The shapes come from the buffers TVM's kernel reads (its parameters are handles).
+        original = s_tir.Schedule(func)
+        reads = {region.source.name: region.source for region in original.get(original.get_sblock("attn")).reads}
+        q, pages = reads["Q"], reads["pages"]
+        (_, h_q, d), (_, _, h_kv, page_size, _) = q.shape, pages.shape
+        if int(d) % _F32_LANES:
+            return None
+        return s_tir.Schedule(decode_attention_cpu(int(h_kv), int(h_q), int(d), str(q.dtype), int(page_size)))
+
+
+def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int) -> tirx.PrimFunc:  # pylint: disable=too-many-arguments
+    """One query per sequence over its cached keys, with TVM's signature and results (output and
+    log2-sum-exp per head). Each (sequence, head) is one parallel task; per page of keys the scores
+    come from vectorised dot products, then the output is rescaled once and accumulates the values.
+    relaxlm applies RoPE in the model (``RopeMode.NONE``), so ``rotary_mode`` must be 0."""
+    group, lanes = h_q // h_kv, _F32_LANES
+
+    # pylint: disable=invalid-name,unused-argument,too-many-locals
+    @T.prim_func(s_tir=True)
+    def batch_decode_paged_kv_cpu(
+        var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle, var_page_values: T.handle,
+        var_length_info: T.handle, var_k_rope_pos_offset: T.handle, var_q_rope_position: T.handle,
+        var_output: T.handle, var_lse: T.handle,
+        rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        batch_size, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(var_q, (batch_size, h_q, d), dtype)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, d), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", offset_factor=1)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", offset_factor=1)
+        last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32", offset_factor=1)
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", offset_factor=1)
+        T.match_buffer(var_q_rope_position, (batch_size,), "int32", offset_factor=1)
+        output = T.match_buffer(var_output, (batch_size, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
+        T.Assert(rotary_mode == 0, "relaxlm's CPU decode attention expects RoPE applied by the model")
+        for task in T.parallel(batch_size * h_q):
+            with T.sblock("attn"):
+                T.reads(q[0:batch_size, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d],
+                        page_indptr[0:batch_size + 1], page_values[0:nnz_pages], last_page_len[0:batch_size])
+                T.writes(output[0:batch_size, 0:h_q, 0:d], lse[0:batch_size, 0:h_q])
+                o = T.sblock_alloc_buffer((d,), "float32")
+                partial = T.sblock_alloc_buffer((lanes,), "float32")
+                score = T.sblock_alloc_buffer((page_size,), "float32")
+                m_val = T.sblock_alloc_buffer((1,), "float32")
+                new_m = T.sblock_alloc_buffer((1,), "float32")
+                d_val = T.sblock_alloc_buffer((1,), "float32")
+                rescale = T.sblock_alloc_buffer((1,), "float32")
+                b: T.let[T.int32] = task // h_q
+                h: T.let[T.int32] = task % h_q
+                begin: T.let[T.int32] = page_indptr[b]
+                num_pages: T.let[T.int32] = page_indptr[b + 1] - begin
+                # As in TVM's kernel: with no keys the output is 0 and the lse -5e4.
+                m_val[0] = _NEG
+                d_val[0] = 1.0
+                for i in T.vectorized(d):
+                    o[i] = 0.0
+                for p in T.serial(num_pages):
+                    page_no: T.let[T.int32] = page_values[begin + p]
+                    n: T.let[T.int32] = T.if_then_else(p == num_pages - 1, last_page_len[b], page_size)
+                    new_m[0] = m_val[0]
+                    for key in T.serial(n):
+                        for lane in T.vectorized(lanes):
+                            partial[lane] = 0.0
+                        for c in T.serial(d // lanes):
+                            for lane in T.vectorized(lanes):
+                                partial[lane] += (T.Cast("float32", q[b, h, c * lanes + lane])
+                                                  * T.Cast("float32", pages[page_no, 0, h // group, key, c * lanes + lane]))
+                        score[key] = 0.0
+                        for lane in T.serial(lanes):
+                            score[key] += partial[lane]
+                        score[key] *= sm_scale * _LOG2_E
+                        new_m[0] = T.max(new_m[0], score[key])
+                    rescale[0] = T.exp2(m_val[0] - new_m[0])
+                    d_val[0] *= rescale[0]
+                    for i in T.vectorized(d):
+                        o[i] *= rescale[0]
+                    for key in T.serial(n):
+                        score[key] = T.exp2(score[key] - new_m[0])
+                        d_val[0] += score[key]
+                        for i in T.vectorized(d):
+                            o[i] += score[key] * T.Cast("float32", pages[page_no, 1, h // group, key, i])
+                    m_val[0] = new_m[0]
+                for i in T.vectorized(d):
+                    output[b, h, i] = T.Cast(dtype, o[i] / d_val[0])
+                lse[b, h] = m_val[0] + T.log2(d_val[0])
+
+    return batch_decode_paged_kv_cpu
+
+
 def cpu_rules() -> list:
     """The dlight rules for the ``llvm`` target, most specific first."""
-    return [NTMatmul()]
+    return [NTMatmul(), DecodeAttention()]
 
 
-__all__ = ["NTMatmul", "cpu_rules"]
+__all__ = ["DecodeAttention", "NTMatmul", "cpu_rules", "decode_attention_cpu"]

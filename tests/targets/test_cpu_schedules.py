@@ -9,7 +9,7 @@ from tvm import te, tirx
 
 from relaxlm.passes import get_scheme
 from relaxlm.targets import resolve
-from relaxlm.targets.cpu_schedules import NTMatmul
+from relaxlm.targets.cpu_schedules import DecodeAttention, NTMatmul
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,42 @@ def test_fused_dequantize_matmul_matches_unscheduled(target, rows):
             rng.standard_normal((1, rows, 48), dtype="float32")]
     expected = run(func, target, args, (1, rows, 48))
     np.testing.assert_allclose(run(sch.mod["main"], target, args, (1, rows, 48)), expected, rtol=1e-5, atol=1e-5)
+
+
+def paged_kv(rng, lengths: list[int], h_kv: int = 3, d: int = 64, page_size: int = 16) -> list[np.ndarray]:
+    """Pages of random keys/values in shuffled page order, with TVM's page table for ``lengths``."""
+    counts = [-(-n // page_size) for n in lengths]
+    pages = rng.standard_normal((sum(counts) + 2, 2, h_kv, page_size, d), dtype="float32")
+    page_values = rng.permutation(sum(counts) + 2)[: sum(counts)].astype("int32")
+    page_indptr = np.concatenate([[0], np.cumsum(counts)]).astype("int32")
+    last_page_len = np.array([n - (c - 1) * page_size if c else 0 for n, c in zip(lengths, counts)], "int32")
+    return [pages, page_indptr, page_values, last_page_len]
+
+
+@pytest.mark.parametrize("lengths", [[1], [16], [136], [17, 40, 5], [0, 20]])
+def test_decode_attention_matches_tvms_kernel(target, lengths):
+    """Reference: TVM's own CPU decode kernel over the same pages (GQA 9 query / 3 kv heads)."""
+    from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
+
+    tvms = _attention_decode_cpu(3, 9, 64, "float32", False, {})
+    sch = DecodeAttention().apply(tvms, target, False)
+    assert sch is not None and "T.parallel" in sch.mod["main"].script()
+    rng = np.random.default_rng(0)
+    b = len(lengths)
+    q = rng.standard_normal((b, 9, 64), dtype="float32")
+    pages, page_indptr, page_values, last_page_len = paged_kv(rng, lengths)
+    zeros = np.zeros(b, "int32")
+    results = []
+    for func in (tvms, sch.mod["main"]):
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        out, lse = (tvm.runtime.tensor(np.zeros(shape, "float32"), tvm.cpu()) for shape in ((b, 9, 64), (b, 9)))
+        args = [tvm.runtime.tensor(a) for a in (q, pages, page_indptr, page_values, last_page_len, zeros, zeros)]
+        lib["main"](*args, out, lse, 0, 1.0, 10000.0, 0.125)
+        results.append((out.numpy(), lse.numpy()))
+    (out_tvm, lse_tvm), (out, lse) = results
+    np.testing.assert_allclose(out, out_tvm, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse, lse_tvm, rtol=1e-6, atol=1e-5)
+
+
+def test_decode_attention_leaves_other_kernels_alone(target):
+    assert DecodeAttention().apply(nt_matmul(1, 96, 64), target, False) is None
