@@ -9,7 +9,7 @@ from tvm import te, tirx
 
 from relaxlm.passes import get_scheme
 from relaxlm.targets import resolve
-from relaxlm.targets.cpu_schedules import DecodeAttention, NTMatmul
+from relaxlm.targets.cpu_schedules import DecodeAttention, NTMatmul, RaggedPrefillAttention
 
 
 @pytest.fixture(scope="module")
@@ -114,30 +114,58 @@ def paged_kv(rng, lengths: list[int], h_kv: int = 3, d: int = 64, page_size: int
     return [pages, page_indptr, page_values, last_page_len]
 
 
+def attention_results(funcs, target, arrays: list[np.ndarray], rows: int, *scalars) -> list[tuple[np.ndarray, ...]]:
+    """(output, lse) of each attention kernel in ``funcs`` (TVM's signature, 9 query heads of 64)."""
+    results = []
+    for func in funcs:
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        out, lse = (tvm.runtime.tensor(np.zeros(shape, "float32")) for shape in ((rows, 9, 64), (rows, 9)))
+        lib["main"](*[tvm.runtime.tensor(a) for a in arrays], out, lse, *scalars)
+        results.append((out.numpy(), lse.numpy()))
+    return results
+
+
+def assert_same_attention(results):
+    (out_tvm, lse_tvm), (out, lse) = results
+    np.testing.assert_allclose(out, out_tvm, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse, lse_tvm, rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("lengths", [[1], [16], [136], [17, 40, 5], [0, 20]])
 def test_decode_attention_matches_tvms_kernel(target, lengths):
-    """Reference: TVM's own CPU decode kernel over the same pages (GQA 9 query / 3 kv heads)."""
+    """Reference: TVM's own CPU decode kernel over the same pages (GQA: 9 query, 3 kv heads)."""
     from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 
     tvms = _attention_decode_cpu(3, 9, 64, "float32", False, {})
     sch = DecodeAttention().apply(tvms, target, False)
     assert sch is not None and "T.parallel" in sch.mod["main"].script()
     rng = np.random.default_rng(0)
-    b = len(lengths)
-    q = rng.standard_normal((b, 9, 64), dtype="float32")
-    pages, page_indptr, page_values, last_page_len = paged_kv(rng, lengths)
-    zeros = np.zeros(b, "int32")
-    results = []
-    for func in (tvms, sch.mod["main"]):
-        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
-        out, lse = (tvm.runtime.tensor(np.zeros(shape, "float32"), tvm.cpu()) for shape in ((b, 9, 64), (b, 9)))
-        args = [tvm.runtime.tensor(a) for a in (q, pages, page_indptr, page_values, last_page_len, zeros, zeros)]
-        lib["main"](*args, out, lse, 0, 1.0, 10000.0, 0.125)
-        results.append((out.numpy(), lse.numpy()))
-    (out_tvm, lse_tvm), (out, lse) = results
-    np.testing.assert_allclose(out, out_tvm, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(lse, lse_tvm, rtol=1e-6, atol=1e-5)
+    q = rng.standard_normal((len(lengths), 9, 64), dtype="float32")
+    zeros = np.zeros(len(lengths), "int32")
+    arrays = [q, *paged_kv(rng, lengths), zeros, zeros]
+    # rotary_mode 0, rope scale and theta (unused), sm_scale
+    assert_same_attention(attention_results([tvms, sch.mod["main"]], target, arrays, len(lengths), 0, 1.0, 1e4, 0.125))
 
 
-def test_decode_attention_leaves_other_kernels_alone(target):
-    assert DecodeAttention().apply(nt_matmul(1, 96, 64), target, False) is None
+@pytest.mark.parametrize("q_lengths, kv_lengths, causal", [
+    ([128], [128], 1), ([3, 7], [3, 7], 1), ([4, 0, 6], [10, 0, 6], 1), ([4], [9], 0)])
+def test_ragged_prefill_attention_matches_tvms_kernel(target, q_lengths, kv_lengths, causal):
+    """Reference: TVM's own CPU kernel for a prefill chunk's attention over its own keys, which
+    scores masked keys as exp2(-9000) = 0 where ours skips them."""
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
+
+    tvms = _attention_prefill_ragged_cpu(3, 9, 64, 64, "float32", {})
+    sch = RaggedPrefillAttention().apply(tvms, target, False)
+    assert sch is not None and "T.parallel" in sch.mod["main"].script()
+    rng = np.random.default_rng(0)
+    rows, keys = sum(q_lengths), sum(kv_lengths)
+    arrays = [rng.standard_normal((rows, 9, 64), dtype="float32"), np.cumsum([0, *q_lengths]).astype("int32"),
+              rng.standard_normal((keys, 3, 64), dtype="float32"), rng.standard_normal((keys, 3, 64), dtype="float32"),
+              np.cumsum([0, *kv_lengths]).astype("int32"), np.zeros(rows, "int32"), np.zeros(len(q_lengths), "int32")]
+    results = attention_results([tvms, sch.mod["main"]], target, arrays, rows, causal, 0, 1.0, 1e4, 0.125)
+    assert_same_attention(results)
+
+
+def test_attention_replacements_leave_other_kernels_alone(target):
+    for rule in (DecodeAttention(), RaggedPrefillAttention()):
+        assert rule.apply(nt_matmul(1, 96, 64), target, False) is None
