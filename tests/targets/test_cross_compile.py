@@ -86,7 +86,7 @@ def test_cuda_library_carries_a_fatbin_for_the_requested_arch(artifacts, family,
     artifact = artifacts(family, target)
     config = manifest(artifact)
     assert (config["target"], config["device"], config["quantization"], config["library"]) == (
-        target, "cuda", "q0f16", "lib.so")
+        target, "cuda", "q4f16_1", "lib.so")
     data = (artifact / "lib.so").read_bytes()
     assert data.count(FATBIN_MAGIC) == 1
     sm = int(target.removeprefix("cuda:sm_"))
@@ -128,7 +128,7 @@ def test_metal_tar_holds_arm64_objects_and_metal_shaders(artifacts, family):
     artifact = artifacts(family, "metal")
     config = manifest(artifact)
     assert (config["target"], config["device"], config["quantization"], config["library"]) == (
-        "metal:m1", "metal", "q0f16", "lib.tar")
+        "metal:m1", "metal", "q4f16_1", "lib.tar")
     members = tar_members(artifact)
     assert members and all(data.startswith(MACHO_ARM64) for data in members.values()), list(members)
     shaders = b"".join(members.values())
@@ -193,9 +193,9 @@ def test_cuda_needs_an_arch_where_there_is_no_gpu():
 def test_every_gpu_target_names_its_device_dtype_and_quantization():
     gpus = {name: recipe for name, recipe in TARGETS.items() if name != "llvm"}
     assert {name: (r.device, r.compute_dtype, r.default_quantization) for name, r in gpus.items()} == {
-        "cuda": ("cuda", "float16", "q0f16"),
-        "metal": ("metal", "float16", "q0f16"),
-        "vulkan": ("vulkan", "float16", "q0f16"),
+        "cuda": ("cuda", "float16", "q4f16_1"),
+        "metal": ("metal", "float16", "q4f16_1"),
+        "vulkan": ("vulkan", "float16", "q4f16_1"),
         "webgpu": ("webgpu", "float32", "q0f32"),
     }
 
