@@ -133,3 +133,15 @@ def test_dequantize_fuses_into_the_matmul_that_reads_it(hf_model):
     assert sum(block_names(kernel) == ["dequantize", "NT_matmul", "T_add"] for kernel in reads_packed) == 2 * 2
     # No kernel writes a dequantized weight for another to read.
     assert not any(block_names(kernel) == ["dequantize"] for kernel, _ in kernels)
+
+
+@pytest.mark.parametrize("quantization", ["q0f32", "q4f32_1"])
+def test_no_residual_add_runs_as_its_own_kernel(hf_model, quantization):
+    """The residual add is fused into the kernel before it (the o_proj / down_proj matmul's
+    epilogue), not into the norm after it: the matmul writes the sum that the next block needs as
+    its residual anyway, so the hidden state makes one trip through memory either way, and the
+    norm, a reduction, stays free to be scheduled on its own."""
+    kernels = decode_kernels(fused_decode(hf_model[1], quantization))
+    assert not any(block_names(kernel) == ["T_add"] for kernel, _ in kernels)
+    with_add = [block_names(kernel) for kernel, _ in kernels if "T_add" in block_names(kernel)]
+    assert len(with_add) == 2 * 2 and all(any("matmul" in n for n in names) for names in with_add), with_add
