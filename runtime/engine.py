@@ -20,6 +20,11 @@ from tvm.runtime.vm import VirtualMachine
 from .artifact import ArtifactError, read_config, verify_weights
 
 
+# TVM 0.27's paged KV cache attends a token tree of at most 256 nodes; a longer draft chain
+# stops inside TVM with an internal error.
+MAX_DRAFT_TOKENS = 256
+
+
 class GenerationError(Exception):
     """A request the loaded model cannot serve (too long, bad token); the message says why."""
 
@@ -245,8 +250,9 @@ class Sequence:
         """Append a chain of draft tokens in one call (speculative decoding); returns the logits
         after each of them (n, vocab). Use :meth:`rollback` to drop the rejected tail."""
         ids = np.asarray(token_ids, dtype=np.int32)
-        if ids.size > self.model.max_append:
-            raise GenerationError(f"this model takes at most {self.model.max_append} draft tokens per verify call")
+        limit = min(self.model.max_append, MAX_DRAFT_TOKENS)
+        if ids.size > limit:
+            raise GenerationError(f"this model takes at most {limit} draft tokens per verify call")
         chain = [-1] + list(range(ids.size - 1))
         logits = self.model._forward("batch_verify", [self], [ids.size], self.model._embed(ids[None, :]), tree=chain)
         _COMMIT_TREE(self.model.kv_cache, ShapeTuple([self.id]), ShapeTuple([ids.size - 1]))

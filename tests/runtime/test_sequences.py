@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import relative_error
+from relaxlm.runtime import GenerationError
 from llama_specs import LLAMA_SPECS
 
 # Batched kernels sum in a different order than single-sequence ones; this is float32 noise.
@@ -55,6 +56,17 @@ def test_batch_verify_agrees_with_step_by_step_decoding(model):
     for row_verified, row_stepwise in zip(verified, stepwise):
         assert relative_error(row_verified, row_stepwise) < TOLERANCE
     assert relative_error(after_verify, after_stepwise) < TOLERANCE
+
+
+def test_verify_refuses_more_draft_tokens_than_the_cache_takes(model, monkeypatch):
+    """A chain past TVM's 256-node token tree is refused in one line, not inside TVM, even where
+    the model would append more tokens per call."""
+    monkeypatch.setattr(model, "max_append", 4096)
+    with model.new_sequence() as seq:
+        seq.prefill([1, 2, 3])
+        with pytest.raises(GenerationError, match="at most 256 draft tokens"):
+            seq.verify([5] * 257)
+        assert seq.length == 3
 
 
 def test_rollback_then_decode_matches_a_shorter_sequence(model):
