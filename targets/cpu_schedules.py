@@ -37,9 +37,6 @@ from tvm.target import Target
 
 # Output rows per parallel task of the row-wise dot products (decode).
 _ROWS_PER_TASK = 16
-# Output rows that share each activation vector in the decode loop (2 rows x 2 accumulators). In
-# SmolLM2's decode, 2 beat 1 on every projection; 4 gained on K = 576 but lost 45% on K = 1536.
-_INTERLEAVED_ROWS = 2
 # Output rows per prefill task: the transposed dequantized block (_BLOCK_ROWS x K floats) stays in
 # L2, and its outputs for one activation row fill 8 AVX2 registers.
 _BLOCK_ROWS = 64
@@ -155,20 +152,16 @@ class NTMatmul(CPUScheduleRule):
         *batch, j, k = sch.get_loops(block)
         m = sch.fuse(*batch) if batch else sch.add_unit_loop(block)
         jo, ji = sch.split(j, [None, rows])
-        # Rows side by side in the inner loop: each activation vector is loaded once for all of
-        # them, and their FMA chains are independent (one row alone waits on FMA latency).
-        jio, jii = sch.split(ji, [None, _largest_divisor(rows, (_INTERLEAVED_ROWS, 2, 1))])
         ko, ki = sch.split(k, [None, lanes])
-        sch.reorder(jo, m, jio, ko, jii, ki)
+        sch.reorder(jo, m, ji, ko, ki)
         partial = sch.rfactor(ki, factor_axis=0)
         # rfactor leaves the final sum over the lanes in a loop nest of its own; bring it (and the
-        # epilogue) under the row loop so the lane accumulators shrink to a local buffer.
-        jo, _, jio, ko, jii, ki = sch.get_loops(partial)
-        sch.reverse_compute_at(block, jio)
+        # epilogue) under the row loop so the lane accumulator shrinks to a per-row local buffer.
+        jo, _, ji, ko, ki = sch.get_loops(partial)
+        sch.reverse_compute_at(block, ji)
         for epilogue in epilogues:
-            sch.reverse_compute_at(epilogue, jio)
+            sch.reverse_compute_at(epilogue, ji)
         sch.parallel(jo)
-        sch.unroll(jii)
         if vector < lanes:
             # Vectors of one packed word's codes, unrolled to keep lanes / vector FMA chains.
             ku, kv = sch.split(ki, [None, vector])
