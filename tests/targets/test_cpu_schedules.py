@@ -1,4 +1,5 @@
-"""The llvm target's NT-matmul schedule rule. Reference: the same kernel built unscheduled."""
+"""The llvm target's schedule rules and replacement kernels. Reference: the same kernel built
+unscheduled (or TVM's own, for the attention kernels)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from tvm import te, tirx
 
 from relaxlm.passes import get_scheme
 from relaxlm.targets import resolve
-from relaxlm.targets.cpu_schedules import DecodeAttention, NTMatmul, RaggedPrefillAttention
+from relaxlm.targets.cpu_schedules import DecodeAttention, GroupGEMV, NTMatmul, RaggedPrefillAttention
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +71,30 @@ def test_other_kernels_are_left_alone(target):
         assert NTMatmul().apply(func, target, False) is None
 
 
-def dequantize_nt_matmul(rows, out_features: int, in_features: int) -> tirx.PrimFunc:
-    """The kernel FuseTIR makes of q4f32_1's ``dequantize`` and the NT matmul that reads it, plus
-    a residual add: ``[1, rows, in] x deq(packed [out, in / 8], scales [out, in / 32])^T + r``."""
+def dequantize_nt_matmul(rows, out_features: int, in_features: int, residual: bool = True, bits: int = 4) -> tirx.PrimFunc:
+    """The kernel FuseTIR makes of a group scheme's ``dequantize`` and the NT matmul that reads it,
+    plus a residual add: ``[1, rows, in] x deq(packed [out, in / per_word], scales [out, in / 32])^T + r``."""
+    per_word, zero = 32 // bits, (1 << (bits - 1)) - 1
     x = te.placeholder((1, rows, in_features), name="x")
-    packed = te.placeholder((out_features, in_features // 8), "uint32", name="packed")
+    packed = te.placeholder((out_features, in_features // per_word), "uint32", name="packed")
     scale = te.placeholder((out_features, in_features // 32), "float16", name="scale")
     r = te.placeholder((1, rows, out_features), name="r")
     w = te.compute((out_features, in_features), lambda i, j: (
-        ((packed[i, j // 8] >> (j % 8 * 4).astype("uint32")) & tirx.const(15, "uint32")).astype("int32")
-        .astype("float32") - 7.0) * scale[i, j // 32].astype("float32"), name="dequantize")
+        ((packed[i, j // per_word] >> (j % per_word * bits).astype("uint32"))
+         & tirx.const((1 << bits) - 1, "uint32")).astype("int32")
+        .astype("float32") - float(zero)) * scale[i, j // 32].astype("float32"), name="dequantize")
     k = te.reduce_axis((0, in_features), name="k")
     y = te.compute((1, rows, out_features), lambda b, i, j: te.sum(x[b, i, k] * w[j, k], axis=k), name="NT_matmul")
+    if not residual:
+        return te.create_prim_func([packed, scale, x, y])
     out = te.compute(y.shape, lambda b, i, j: y[b, i, j] + r[b, i, j], name="T_add")
     return te.create_prim_func([packed, scale, x, r, out])
+
+
+def quantized_args(rng, rows: int, out_features: int, in_features: int, residual: bool = True, bits: int = 4):
+    packed, scale = get_scheme(f"q{bits}f32_1").quantize(rng.standard_normal((out_features, in_features), dtype="float32"))
+    args = [packed, scale, rng.standard_normal((1, rows, in_features), dtype="float32")]
+    return args + [rng.standard_normal((1, rows, out_features), dtype="float32")] * residual
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -97,11 +108,33 @@ def test_fused_dequantize_matmul_matches_unscheduled(target, rows):
     script = sch.mod["main"].script()
     assert "T.parallel" in script and "T.vectorized" in script
     assert ("dequantize" in script) == (rows > 1)
-    packed, scale = get_scheme("q4f32_1").quantize(rng.standard_normal((48, 96), dtype="float32"))
-    args = [packed, scale, rng.standard_normal((1, rows, 96), dtype="float32"),
-            rng.standard_normal((1, rows, 48), dtype="float32")]
+    args = quantized_args(rng, rows, 48, 96)
     expected = run(func, target, args, (1, rows, 48))
     np.testing.assert_allclose(run(sch.mod["main"], target, args, (1, rows, 48)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_group_gemv_replaces_the_4_bit_decode_kernel(target, residual):
+    """One activation row at 4 bits becomes ``group_gemv_cpu`` (the scale applied once per group),
+    with the replaced kernel's parameters in their order, and computes what the plain kernel does."""
+    rng = np.random.default_rng(1)
+    func = dequantize_nt_matmul(1, 80, 128, residual)
+    sch = GroupGEMV().apply(func, target, False)
+    assert sch is not None
+    replacement = sch.mod["main"]
+    assert [(tuple(p.shape), str(p.dtype)) for p in replacement.params] == [
+        (tuple(p.shape), str(p.dtype)) for p in func.params]
+    assert 'T.sblock("gemv")' in replacement.script() and "dequantize" not in replacement.script()
+    args = quantized_args(rng, 1, 80, 128, residual)
+    expected = run(func, target, args, (1, 1, 80))
+    np.testing.assert_allclose(run(replacement, target, args, (1, 1, 80)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_group_gemv_leaves_prefill_and_8_bit_to_nt_matmul(target):
+    rows = tirx.Var("seq_len", "int64")
+    for func in (dequantize_nt_matmul(rows, 48, 96), dequantize_nt_matmul(1, 48, 96, bits=8), nt_matmul(1, 48, 96)):
+        assert GroupGEMV().apply(func, target, False) is None
+        assert NTMatmul().apply(func, target, False) is not None
 
 
 def paged_kv(rng, lengths: list[int], h_kv: int = 3, d: int = 64, page_size: int = 16) -> list[np.ndarray]:
