@@ -198,6 +198,8 @@ def _schedule_blocked(sch: s_tir.Schedule, block, epilogues, dequantize, rows: i
 
 
 
+# Codes per block of group_gemv_cpu: one vector of packed words.
+_GEMV_BLOCK = _PACKED_LANES * _PACKED_LANES
 # Roles of the buffers of a decode projection kernel, in the order group_gemv_cpu takes them.
 _GEMV_ROLES = ("x", "packed", "scale", "residual", "out")
 
@@ -205,8 +207,10 @@ _GEMV_ROLES = ("x", "packed", "scale", "residual", "out")
 class GroupGEMV(CPUScheduleRule):
     """Decode's 4-bit projections: ``dequantize`` (8 codes per uint32, a scale per group) → NT
     matmul with one activation row → optionally ``+ residual``, as ``passes.fusion`` leaves them,
-    become :func:`group_gemv_cpu`, which multiplies by each group's scale once instead of once per
-    weight. Anything else (8-bit codes, several rows, other epilogues) is left to :class:`NTMatmul`.
+    become :func:`group_gemv_cpu`, which unpacks codes with immediate shifts of whole vectors of words
+    and multiplies by the scales once per block of 64 codes instead of once per code. Anything else
+    (8-bit codes, several rows, ``k`` not a multiple of 64, other epilogues) is left to
+    :class:`NTMatmul`.
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
@@ -244,7 +248,7 @@ def _gemv_buffers(func: tirx.PrimFunc) -> dict[str, tirx.Buffer] | None:
     if packed is None or len(x) != 1 or str(packed.dtype) != "uint32":
         return None
     (n, words), (_, groups), k = packed.shape, scale.shape, weight.shape[1]
-    if not (int(words) * _PACKED_LANES == int(k) and int(k) % int(groups) == 0
+    if not (int(words) * _PACKED_LANES == int(k) and int(k) % _GEMV_BLOCK == 0 and int(k) % int(groups) == 0
             and (int(k) // int(groups)) % _PACKED_LANES == 0 and int(n) == int(weight.shape[0])):
         return None
     buffers = {"x": x[0], "packed": packed, "scale": scale, "out": matmul.writes[0].source}
@@ -285,18 +289,27 @@ def group_gemv_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype
     """``out = x . dequantize(packed, scale)^T (+ residual)`` for one activation row ``x`` of ``k``
     float32 values and 4-bit codes (8 per uint32, zero point 7). Its parameters are
     :data:`_GEMV_ROLES`; without ``residual`` the kernel never reads that one, and the caller
-    leaves it out.
+    leaves it out. ``k`` is a multiple of :data:`_GEMV_BLOCK`.
 
-    Each group's codes are dotted with ``x`` in a vector of :data:`_PACKED_LANES` partial sums
-    (one broadcast word, a vector shift, mask, convert, subtract the zero point, FMA), then the
-    group's scale multiplies that vector once: a weight costs 6 vector instructions instead of 7,
-    and the scale is loaded once per group. Output rows go in parallel blocks of
-    :data:`_ROWS_PER_TASK`; each row's lanes are summed at its end."""
+    A row is read :data:`_PACKED_LANES` words (a block of 64 codes) at a time, as one vector whose
+    lane ``l`` is word ``l``. Shifting the whole vector by ``4 s`` puts code ``s`` of every word in
+    its lane, so a block is 8 immediate shifts, masks, converts, zero-point subtractions and FMAs,
+    against ``x`` permuted once per call to the same order (``x_planes``). The FMAs go to two
+    partial sums (latency), which the lanes' group scales multiply once per block; each row's lanes
+    are summed at its end. Output rows go in parallel blocks of :data:`_ROWS_PER_TASK`."""
     group, x_shape, out_shape = k // groups, shapes[0], shapes[1]
-    words_per_group, rows = group // _PACKED_LANES, _largest_divisor(n, (_ROWS_PER_TASK, 8, 4, 2, 1))
+    blocks, lanes, rows = k // _GEMV_BLOCK, _PACKED_LANES, _largest_divisor(n, (_ROWS_PER_TASK, 8, 4, 2, 1))
+
+    @T.macro
+    def plane(partial, packed, x_planes, j, b, s):
+        # Code s of each of the block's words, times x at that code's position.
+        for lane in T.vectorized(lanes):
+            partial[lane] += (T.Cast("float32", T.Cast("int32", T.bitwise_and(
+                T.shift_right(packed[j, b * lanes + lane], T.uint32(4 * s)), T.uint32(15)))) - 7.0
+                ) * x_planes[(b * lanes + s) * lanes + lane]
 
     @T.prim_func(s_tir=True)
-    def group_gemv(x: T.Buffer(x_shape, "float32"), packed: T.Buffer((n, k // _PACKED_LANES), "uint32"),
+    def group_gemv(x: T.Buffer(x_shape, "float32"), packed: T.Buffer((n, k // lanes), "uint32"),
                    scale: T.Buffer((n, groups), scale_dtype), added: T.Buffer(out_shape, "float32"),
                    out: T.Buffer(out_shape, "float32")):
         T.func_attr({"tirx.noalias": True})
@@ -305,32 +318,38 @@ def group_gemv_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype
         # Python-level ifs: without a residual the kernel never touches the parameter (dropped).
         if residual:
             added_row = T.decl_buffer((n,), "float32", data=added.data)
+        x_planes = T.alloc_buffer((k,), "float32")
+        for b, s, w in T.grid(blocks, lanes, lanes):
+            with T.sblock("x_planes"):
+                vb, vs, vw = T.axis.remap("SSS", [b, s, w])
+                x_planes[(vb * lanes + vs) * lanes + vw] = x_row[(vb * lanes + vw) * lanes + vs]
         for task in T.parallel(n // rows):
             with T.sblock("gemv"):
                 if residual:
-                    T.reads(x_row[0:k], packed[0:n, 0:k // _PACKED_LANES], scale[0:n, 0:groups], added_row[0:n])
+                    T.reads(x_planes[0:k], packed[0:n, 0:k // lanes], scale[0:n, 0:groups], added_row[0:n])
                 else:
-                    T.reads(x_row[0:k], packed[0:n, 0:k // _PACKED_LANES], scale[0:n, 0:groups])
+                    T.reads(x_planes[0:k], packed[0:n, 0:k // lanes], scale[0:n, 0:groups])
                 T.writes(out_row[0:n])
-                acc = T.sblock_alloc_buffer((_PACKED_LANES,), "float32")
-                part = T.sblock_alloc_buffer((_PACKED_LANES,), "float32")
+                acc = T.sblock_alloc_buffer((lanes,), "float32")
+                even = T.sblock_alloc_buffer((lanes,), "float32")
+                odd = T.sblock_alloc_buffer((lanes,), "float32")
                 total = T.sblock_alloc_buffer((1,), "float32")
                 for r in T.serial(rows):
                     j: T.let[T.int32] = task * rows + r
-                    for lane in T.vectorized(_PACKED_LANES):
+                    for lane in T.vectorized(lanes):
                         acc[lane] = 0.0
-                    for g in T.serial(groups):
-                        for lane in T.vectorized(_PACKED_LANES):
-                            part[lane] = 0.0
-                        for w in T.unroll(words_per_group):
-                            for lane in T.vectorized(_PACKED_LANES):
-                                part[lane] += (T.Cast("float32", T.Cast("int32", T.bitwise_and(
-                                    T.shift_right(packed[j, g * words_per_group + w], T.Cast("uint32", lane * 4)),
-                                    T.uint32(15)))) - 7.0) * x_row[(g * words_per_group + w) * _PACKED_LANES + lane]
-                        for lane in T.vectorized(_PACKED_LANES):
-                            acc[lane] += part[lane] * T.Cast("float32", scale[j, g])
+                    for b in T.serial(blocks):
+                        for lane in T.vectorized(lanes):
+                            even[lane] = 0.0
+                            odd[lane] = 0.0
+                        for s in T.unroll(lanes // 2):
+                            plane(even, packed, x_planes, j, b, 2 * s)
+                            plane(odd, packed, x_planes, j, b, 2 * s + 1)
+                        for lane in T.vectorized(lanes):
+                            acc[lane] += (even[lane] + odd[lane]) * T.Cast(
+                                "float32", scale[j, (b * lanes + lane) * lanes // group])
                     total[0] = 0.0
-                    for lane in T.serial(_PACKED_LANES):
+                    for lane in T.serial(lanes):
                         total[0] += acc[lane]
                     if residual:
                         out_row[j] = total[0] + added_row[j]

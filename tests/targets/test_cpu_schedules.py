@@ -130,9 +130,11 @@ def test_group_gemv_replaces_the_4_bit_decode_kernel(target, residual):
     np.testing.assert_allclose(run(replacement, target, args, (1, 1, 80)), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_group_gemv_leaves_prefill_and_8_bit_to_nt_matmul(target):
+def test_group_gemv_leaves_other_matmuls_to_nt_matmul(target):
+    """Prefill (several rows), 8-bit codes, ``k`` not a multiple of 64, unquantized weights."""
     rows = tirx.Var("seq_len", "int64")
-    for func in (dequantize_nt_matmul(rows, 48, 96), dequantize_nt_matmul(1, 48, 96, bits=8), nt_matmul(1, 48, 96)):
+    for func in (dequantize_nt_matmul(rows, 48, 128), dequantize_nt_matmul(1, 48, 128, bits=8),
+                 dequantize_nt_matmul(1, 48, 96), nt_matmul(1, 48, 128)):
         assert GroupGEMV().apply(func, target, False) is None
         assert NTMatmul().apply(func, target, False) is not None
 
