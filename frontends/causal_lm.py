@@ -16,7 +16,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
 from .config import ModelConfig
-from .layers import DecoderLayer, GatedMLP, PagedAttention, last_position, rms_norm
+from .layers import DecoderLayer, GatedMLP, PagedAttention, Rotations, last_position, rms_norm
 
 KV_CACHE_ARGS = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
 KV_CACHE_PLACEHOLDER = "relaxlm.create_paged_kv_cache"
@@ -135,10 +135,10 @@ class CausalLM(nn.Module):
 
     def _hidden_states(self, embeds: Tensor, cache: PagedKVCache) -> Tensor:
         batch, seq_len, _ = embeds.shape
-        positions = cache.get_query_positions(batch * seq_len)
+        rotations = Rotations(cache.get_query_positions(batch * seq_len), self.config.head_dim)
         hidden = embeds
         for layer in self.model.layers:
-            hidden = layer(hidden, cache, positions)
+            hidden = layer(hidden, cache, rotations)
         return self.model.norm(hidden)
 
     def _logits(self, hidden: Tensor) -> Tensor:

@@ -26,27 +26,64 @@ def rms_norm(hidden_size: int, eps: float, dtype: str) -> nn.Module:
     return nn.RMSNorm(hidden_size, -1, eps, bias=False, dtype=dtype)
 
 
-def apply_rope(x: Tensor, positions: Tensor, rope: RopeParameters) -> Tensor:
-    """Rotate ``x`` of shape (tokens, heads, head_dim) by each token's position, the way
-    transformers does: halves rotated (``rotate_half``), angles computed in float32."""
-    head_dim = x.shape[-1]
+class Rotations:
+    """RoPE for one forward call: the cos and sin of every token's angles are computed once per
+    distinct RoPE (Gemma 3 has two) and shared by every layer, which then only multiplies and adds;
+    computing them in each layer's kernel cost a cos and a sin per element of q and k."""
+
+    def __init__(self, positions: Tensor, head_dim: int):
+        self.positions = positions
+        self.head_dim = head_dim
+        self._tables: list[tuple[RopeParameters, Tensor]] = []
+
+    def apply(self, x: Tensor, rope: RopeParameters) -> Tensor:
+        """``x`` (tokens, heads, head_dim) rotated by each token's position."""
+        return apply_rope(x, self.table(rope))
+
+    def table(self, rope: RopeParameters) -> Tensor:
+        """(2, tokens, head_dim // 2) float32: cos and sin of the angles, times the attention factor."""
+        for known, table in self._tables:
+            if known == rope:
+                return table
+        table = rope_table(self.positions, rope, self.head_dim)
+        self._tables.append((rope, table))
+        return table
+
+
+def rope_table(positions: Tensor, rope: RopeParameters, head_dim: int) -> Tensor:
+    """cos and sin (times the attention factor) of each position's angles, in float32 as
+    transformers computes them."""
     half = head_dim // 2
     inv_freq = Tensor.from_const(rope.inv_freq(head_dim))
     scale = rope.attention_factor
 
-    def compute(x: te.Tensor, pos: te.Tensor, freq: te.Tensor) -> te.Tensor:
+    def compute(pos: te.Tensor, freq: te.Tensor) -> te.Tensor:
+        def entry(part, i, d):
+            angle = pos[i].astype("float32") * freq[d]
+            return tirx.if_then_else(part == 0, tirx.cos(angle) * scale, tirx.sin(angle) * scale)
+
+        return te.compute((2, pos.shape[0], half), entry, name="rope_table")
+
+    return op.tensor_expr_op(compute, "rope_table", [positions, inv_freq])
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate ``x`` of shape (tokens, heads, head_dim) by the angles of :func:`rope_table`, the way
+    transformers does: halves rotated (``rotate_half``)."""
+    half = x.shape[-1] // 2
+
+    def compute(x: te.Tensor, table: te.Tensor) -> te.Tensor:
         def rotated(i, h, d):
-            angle = pos[i].astype("float32") * freq[tirx.floormod(d, half)]
             value = x[i, h, d].astype("float32")
             partner = tirx.if_then_else(
                 d < half, -x[i, h, d + half].astype("float32"), x[i, h, d - half].astype("float32")
             )
-            out = value * (tirx.cos(angle) * scale) + partner * (tirx.sin(angle) * scale)
-            return out.astype(x.dtype)
+            at = tirx.floormod(d, half)
+            return (value * table[0, i, at] + partner * table[1, i, at]).astype(x.dtype)
 
         return te.compute(x.shape, rotated, name="rope")
 
-    return op.tensor_expr_op(compute, "rope", [x, positions, inv_freq])
+    return op.tensor_expr_op(compute, "rope", [x, table])
 
 
 class GatedMLP(nn.Module):
@@ -115,14 +152,14 @@ class PagedAttention(nn.Module):
             return _norm_over_heads(self.q_norm, q), _norm_over_heads(self.k_norm, k)
         return q, k
 
-    def forward(self, x: Tensor, cache: PagedKVCache, positions: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: PagedKVCache, rotations: Rotations) -> Tensor:
         batch, seq_len, _ = x.shape
         tokens = batch * seq_len
         qkv = op.reshape(self.qkv_proj(x), (tokens, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
         qkv = self.transform_qkv(qkv)
         q, k, v = op.split(qkv, [self.num_q_heads, self.num_q_heads + self.num_kv_heads], axis=1)
         q, k = self.transform_qk(q, k)
-        q, k = apply_rope(q, positions, self.rope), apply_rope(k, positions, self.rope)
+        q, k = rotations.apply(q, self.rope), rotations.apply(k, self.rope)
         qkv = op.reshape(op.concat([q, k, v], dim=1), (batch, seq_len, -1, self.head_dim))
         out = cache.attention_with_fused_qkv(self.layer_id, qkv, self.num_q_heads, sm_scale=self.sm_scale)
         return self.o_proj(op.reshape(out, (batch, seq_len, self.num_q_heads * self.head_dim)))
@@ -153,8 +190,8 @@ class DecoderLayer(nn.Module):
         name = self.norm_names.get(position)
         return getattr(self, name)(x) if name else x
 
-    def forward(self, x: Tensor, cache: PagedKVCache, positions: Tensor) -> Tensor:
-        attn = self.self_attn(self._norm("pre_attention", x), cache, positions)
+    def forward(self, x: Tensor, cache: PagedKVCache, rotations: Rotations) -> Tensor:
+        attn = self.self_attn(self._norm("pre_attention", x), cache, rotations)
         x = x + self._norm("post_attention", attn)
         mlp = self.mlp(self._norm("pre_mlp", x))
         return x + self._norm("post_mlp", mlp)
@@ -175,7 +212,9 @@ __all__ = [
     "DecoderLayer",
     "GatedMLP",
     "PagedAttention",
+    "Rotations",
     "apply_rope",
     "last_position",
     "rms_norm",
+    "rope_table",
 ]

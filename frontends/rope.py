@@ -1,6 +1,6 @@
 """Rotary position embedding parameters, computed exactly as transformers computes them.
 
-relaxlm applies RoPE itself (see ``layers.apply_rope``) instead of inside TVM's KV-cache kernels:
+relaxlm applies RoPE itself (see ``layers.Rotations``) instead of inside TVM's KV-cache kernels:
 those know only one base per model and get yarn wrong (TVM_NOTES trap 1), while Gemma 3 needs a
 base per layer kind and OLMo 3 needs yarn. Here each variant is just a table of inverse
 frequencies plus a scale of cos/sin, built once at export time.

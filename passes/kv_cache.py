@@ -49,7 +49,7 @@ class _TIRKVCacheFactory(nn.Module):
             v_head_dim=s.head_dim,
             mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0,
-            # The model applies RoPE itself (frontends.layers.apply_rope).
+            # The model applies RoPE itself (frontends.layers.Rotations).
             rope_mode=RopeMode.NONE,
             rope_scale=1,
             rope_theta=10000,
