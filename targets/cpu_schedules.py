@@ -30,7 +30,7 @@ import math
 from tvm import s_tir, tirx
 from tvm.ir import TensorLoad
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+from tvm.s_tir.dlight.base import try_inline, try_inline_contiguous_spatial
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.script import tirx as T
 from tvm.target import Target
@@ -197,6 +197,36 @@ def _schedule_blocked(sch: s_tir.Schedule, block, epilogues, dequantize, rows: i
     return sch
 
 
+
+
+class Injective(CPUScheduleRule):
+    """Kernels of elementwise and layout blocks only (split, concat, reshape, RoPE, activations):
+    every block is inlined into the last, so the kernel is one loop nest that writes no
+    intermediate buffer; big ones (prefill) run in parallel chunks of :data:`_INJECTIVE_CHUNK`."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or not all(info.is_injective() for info in infos):
+            return None
+        remaining = try_inline(sch, infos)
+        if len(remaining) != 1:
+            return None
+        loops = sch.get_loops(remaining[0].block_rv)
+        if not loops:
+            return None
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        extent = sch.get(fused).extent
+        if not isinstance(extent, tirx.IntImm) or int(extent) > _INJECTIVE_CHUNK:
+            sch.parallel(sch.split(fused, [None, _INJECTIVE_CHUNK])[0])
+        return sch
+
+
+# Elements per parallel task of an injective kernel; smaller kernels (decode) stay serial, as
+# waking the thread pool costs more than they do.
+_INJECTIVE_CHUNK = 1 << 14
 
 # Codes per block of group_gemv_cpu: one vector of packed words.
 _GEMV_BLOCK = _PACKED_LANES * _PACKED_LANES
@@ -577,8 +607,8 @@ def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tir
 
 def cpu_rules() -> list:
     """The dlight rules for the ``llvm`` target, most specific first."""
-    return [GroupGEMV(), NTMatmul(), DecodeAttention(), RaggedPrefillAttention()]
+    return [GroupGEMV(), NTMatmul(), DecodeAttention(), RaggedPrefillAttention(), Injective()]
 
 
-__all__ = ["DecodeAttention", "GroupGEMV", "NTMatmul", "RaggedPrefillAttention", "cpu_rules", "decode_attention_cpu",
+__all__ = ["DecodeAttention", "GroupGEMV", "Injective", "NTMatmul", "RaggedPrefillAttention", "cpu_rules", "decode_attention_cpu",
            "group_gemv_cpu", "ragged_prefill_attention_cpu"]

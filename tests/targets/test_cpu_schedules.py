@@ -10,7 +10,7 @@ from tvm import te, tirx
 
 from relaxlm.passes import get_scheme
 from relaxlm.targets import resolve
-from relaxlm.targets.cpu_schedules import DecodeAttention, GroupGEMV, NTMatmul, RaggedPrefillAttention
+from relaxlm.targets.cpu_schedules import DecodeAttention, GroupGEMV, Injective, NTMatmul, RaggedPrefillAttention
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +204,29 @@ def test_ragged_prefill_attention_matches_tvms_kernel(target, q_lengths, kv_leng
 def test_attention_replacements_leave_other_kernels_alone(target):
     for rule in (DecodeAttention(), RaggedPrefillAttention()):
         assert rule.apply(nt_matmul(1, 96, 64), target, False) is None
+
+
+def split_silu_multiply(rows, width: int) -> tirx.PrimFunc:
+    """``silu(gate) * up`` of the halves of ``[1, rows, 2 * width]``, as FuseOps leaves it: three blocks."""
+    x = te.placeholder((1, rows, 2 * width), name="x")
+    gate = te.compute((1, rows, width), lambda b, i, j: x[b, i, j], name="T_split")
+    up = te.compute((1, rows, width), lambda b, i, j: x[b, i, j + width], name="T_split_1")
+    silu = te.compute(gate.shape, lambda b, i, j: gate[b, i, j] * tirx.sigmoid(gate[b, i, j]), name="silu")
+    out = te.compute(gate.shape, lambda b, i, j: silu[b, i, j] * up[b, i, j], name="T_multiply")
+    return te.create_prim_func([x, out])
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_injective_kernels_become_one_loop_nest(target, rows):
+    """Intermediate buffers are inlined away; a big kernel (symbolic rows, prefill) runs in parallel."""
+    func = split_silu_multiply(1 if rows == 1 else tirx.Var("seq_len", "int64"), 768)
+    sch = Injective().apply(func, target, False)
+    assert sch is not None
+    script = sch.mod["main"].script()
+    blocks = [line for line in script.splitlines() if line.lstrip().startswith("with T.sblock(")]
+    assert len(blocks) == 1 and "sblock_alloc_buffer" not in script, script
+    assert ("T.parallel" in script) == (rows > 1)
+    x = np.random.default_rng(2).standard_normal((1, rows, 2 * 768), dtype="float32")
+    np.testing.assert_allclose(run(sch.mod["main"], target, [x], (1, rows, 768)),
+                               run(func, target, [x], (1, rows, 768)), rtol=1e-6, atol=1e-6)
+    assert Injective().apply(nt_matmul(1, 48, 64), target, False) is None
