@@ -25,6 +25,7 @@ rescales once per :data:`_KEY_TILE` keys.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from tvm import s_tir, tirx
@@ -230,29 +231,39 @@ _INJECTIVE_CHUNK = 1 << 14
 
 # Codes per block of group_gemv_cpu: one vector of packed words.
 _GEMV_BLOCK = _PACKED_LANES * _PACKED_LANES
+# Activation rows by weight rows of group_gemm_cpu's register tile: 12 accumulators of 8 lanes,
+# plus 3 + 4 loaded vectors, fit AVX2's 16 registers.
+_GEMM_TILE_ROWS, _GEMM_TILE_COLS = 6, 2
 # Roles of the buffers of a decode projection kernel, in the order group_gemv_cpu takes them.
 _GEMV_ROLES = ("x", "packed", "scale", "residual", "out")
 
 
-class GroupGEMV(CPUScheduleRule):
-    """Decode's 4-bit projections: ``dequantize`` (8 codes per uint32, a scale per group) → NT
-    matmul with one activation row → optionally ``+ residual``, as ``passes.fusion`` leaves them,
-    become :func:`group_gemv_cpu`, which unpacks codes with immediate shifts of whole vectors of words
-    and multiplies by the scales once per block of 64 codes instead of once per code. Anything else
-    (8-bit codes, several rows, ``k`` not a multiple of 64, other epilogues) is left to
-    :class:`NTMatmul`.
+class GroupMatmul(CPUScheduleRule):
+    """4-bit projections: ``dequantize`` (8 codes per uint32, a scale per group) → NT matmul →
+    optionally ``+ residual``, as ``passes.fusion`` leaves them, become hand-written kernels with
+    the same parameters: :func:`group_gemv_cpu` for one activation row (decode) and
+    :func:`group_gemm_cpu` for several (prefill). Anything else (8-bit codes, other epilogues,
+    shapes they do not tile) is left to :class:`NTMatmul`.
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
-        buffers = _gemv_buffers(func)
+        buffers = _group_matmul_buffers(func)
         if buffers is None:
             return None
-        (n, words), groups = buffers["packed"].shape, buffers["scale"].shape[1]
-        kernel = group_gemv_cpu(int(n), int(words) * _PACKED_LANES, int(groups),
-                                [tuple(buffers[r].shape) for r in ("x", "out")], str(buffers["scale"].dtype),
-                                residual="residual" in buffers)
+        (n, words), groups = (int(d) for d in buffers["packed"].shape), int(buffers["scale"].shape[1])
+        k, rows = words * _PACKED_LANES, buffers["x"].shape[:-1]
+        shapes = [tuple(buffers[r].shape) for r in ("x", "out")]
+        scale_dtype, residual = str(buffers["scale"].dtype), "residual" in buffers
+        if all(isinstance(d, (int, tirx.IntImm)) and int(d) == 1 for d in rows):
+            if k % _GEMV_BLOCK:
+                return None
+            kernel = group_gemv_cpu(n, k, groups, shapes, scale_dtype, residual)
+        else:
+            if _gemm_block_rows(n) is None:
+                return None
+            kernel = group_gemm_cpu(n, k, groups, shapes, scale_dtype, residual)
         # The parameters of the kernel it replaces, in their order, and its attributes.
         param_of = dict(zip(_GEMV_ROLES, kernel.params))
         params = [param_of[_role(buffers, p)] for p in func.params]
@@ -263,9 +274,9 @@ def _role(buffers: dict[str, tirx.Buffer], buffer: tirx.Buffer) -> str:
     return next(role for role, b in buffers.items() if b.same_as(buffer))
 
 
-def _gemv_buffers(func: tirx.PrimFunc) -> dict[str, tirx.Buffer] | None:
-    """The buffers of a 4-bit decode projection kernel by role (:data:`_GEMV_ROLES`), or None
-    when ``func`` is not one."""
+def _group_matmul_buffers(func: tirx.PrimFunc) -> dict[str, tirx.Buffer] | None:
+    """The buffers of a 4-bit projection kernel by role (:data:`_GEMV_ROLES`), or None when
+    ``func`` is not one."""
     sch = s_tir.Schedule(func)
     blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
     names = [b.name_hint for b in blocks]
@@ -278,7 +289,7 @@ def _gemv_buffers(func: tirx.PrimFunc) -> dict[str, tirx.Buffer] | None:
     if packed is None or len(x) != 1 or str(packed.dtype) != "uint32":
         return None
     (n, words), (_, groups), k = packed.shape, scale.shape, weight.shape[1]
-    if not (int(words) * _PACKED_LANES == int(k) and int(k) % _GEMV_BLOCK == 0 and int(k) % int(groups) == 0
+    if not (int(words) * _PACKED_LANES == int(k) and int(k) % int(groups) == 0
             and (int(k) // int(groups)) % _PACKED_LANES == 0 and int(n) == int(weight.shape[0])):
         return None
     buffers = {"x": x[0], "packed": packed, "scale": scale, "out": matmul.writes[0].source}
@@ -287,9 +298,8 @@ def _gemv_buffers(func: tirx.PrimFunc) -> dict[str, tirx.Buffer] | None:
         if residual is None:
             return None
         buffers.update(residual=residual, out=epilogue[0].writes[0].source)
-    one_row = all(isinstance(d, (int, tirx.IntImm)) and int(d) == 1 for d in buffers["x"].shape[:-1])
     float32 = all(str(buffers[r].dtype) == "float32" for r in buffers if r not in ("packed", "scale"))
-    if not (one_row and float32 and len(func.params) == len(buffers)
+    if not (float32 and len(func.params) == len(buffers)
             and all(any(b.same_as(p) for p in func.params) for b in buffers.values())):
         return None
     try:
@@ -387,6 +397,89 @@ def group_gemv_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype
                         out_row[j] = total[0]
 
     return group_gemv
+
+
+def _gemm_block_rows(n: int) -> int | None:
+    """Weight rows per parallel task of :func:`group_gemm_cpu`: 64, or 32 where that leaves too
+    few tasks to share among the threads (576 rows: 18 tasks, not 9)."""
+    for rows in (64, 32):
+        if n % rows == 0 and (n // rows >= 16 or rows == 32):
+            return rows
+    return None
+
+
+def group_gemm_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype: str, residual: bool) -> tirx.PrimFunc:
+    """``out = x . dequantize(packed, scale)^T (+ residual)`` for any number of activation rows
+    (prefill), 4-bit codes as in :func:`group_gemv_cpu`, same parameters.
+
+    Each parallel task dequantizes a block of :func:`_gemm_block_rows` weight rows once (in
+    order, vectorised) and multiplies every activation row with it in tiles of
+    :data:`_GEMM_TILE_ROWS` activation rows by :data:`_GEMM_TILE_COLS` weight rows: per 8 values
+    of ``k``, 3 + 4 vector loads feed 12 independent FMA chains that stay in registers, and each
+    of the 12 outputs is summed across its lanes at the end. Rows left over go one at a time."""
+    group, x_shape, out_shape = k // groups, shapes[0], shapes[1]
+    block, lanes, cols = _gemm_block_rows(n), _PACKED_LANES, _GEMM_TILE_COLS
+    rows = functools.reduce(lambda a, b: a * b, x_shape[:-1])
+    tiles = rows // _GEMM_TILE_ROWS
+
+    @T.macro
+    def tile(acc, total, x_rows, weights, out_rows, added_rows, first, count, j0, jb):
+        """Outputs of activation rows ``first ..`` (``count`` of them) for weight rows ``jb ..``
+        of the task's block (``j0``: the block's first row)."""
+        for r, c in T.grid(count, cols):
+            for lane in T.vectorized(lanes):
+                acc[r, c, lane] = 0.0
+        for kv in T.serial(k // lanes):
+            for r in T.unroll(count):
+                for c in T.unroll(cols):
+                    for lane in T.vectorized(lanes):
+                        acc[r, c, lane] += (x_rows[(first + r) * k + kv * lanes + lane]
+                                            * weights[(jb + c) * k + kv * lanes + lane])
+        for r in T.unroll(count):
+            for c in T.unroll(cols):
+                total[0] = 0.0
+                for lane in T.serial(lanes):
+                    total[0] += acc[r, c, lane]
+                if residual:
+                    out_rows[(first + r) * n + j0 + jb + c] = total[0] + added_rows[(first + r) * n + j0 + jb + c]
+                else:
+                    out_rows[(first + r) * n + j0 + jb + c] = total[0]
+
+    @T.prim_func(s_tir=True)
+    def group_gemm(x: T.Buffer(x_shape, "float32"), packed: T.Buffer((n, k // lanes), "uint32"),
+                   scale: T.Buffer((n, groups), scale_dtype), added: T.Buffer(out_shape, "float32"),
+                   out: T.Buffer(out_shape, "float32")):
+        T.func_attr({"tirx.noalias": True})
+        x_rows = T.decl_buffer((rows * k,), "float32", data=x.data)
+        out_rows = T.decl_buffer((rows * n,), "float32", data=out.data)
+        if residual:
+            added_rows = T.decl_buffer((rows * n,), "float32", data=added.data)
+        else:
+            added_rows = out_rows  # never read
+        for task in T.parallel(n // block):
+            with T.sblock("gemm"):
+                if residual:
+                    T.reads(x_rows[0:rows * k], packed[0:n, 0:k // lanes], scale[0:n, 0:groups], added_rows[0:rows * n])
+                else:
+                    T.reads(x_rows[0:rows * k], packed[0:n, 0:k // lanes], scale[0:n, 0:groups])
+                T.writes(out_rows[0:rows * n])
+                weights = T.sblock_alloc_buffer((block * k,), "float32")
+                acc = T.sblock_alloc_buffer((_GEMM_TILE_ROWS, cols, lanes), "float32")
+                total = T.sblock_alloc_buffer((1,), "float32")
+                j0: T.let[T.int32] = task * block
+                for jj, w in T.grid(block, k // lanes):
+                    for lane in T.vectorized(lanes):
+                        weights[jj * k + w * lanes + lane] = (T.Cast("float32", T.Cast("int32", T.bitwise_and(
+                            T.shift_right(packed[j0 + jj, w], T.Cast("uint32", lane * 4)), T.uint32(15)))) - 7.0
+                            ) * T.Cast("float32", scale[j0 + jj, w * lanes // group])
+                for jb in T.serial(block // cols):
+                    for t in T.serial(tiles):
+                        tile(acc, total, x_rows, weights, out_rows, added_rows, t * _GEMM_TILE_ROWS,
+                             _GEMM_TILE_ROWS, j0, jb * cols)
+                    for m in T.serial(tiles * _GEMM_TILE_ROWS, rows):
+                        tile(acc, total, x_rows, weights, out_rows, added_rows, m, 1, j0, jb * cols)
+
+    return group_gemm
 
 
 # float32 lanes of one AVX2 vector.
@@ -607,8 +700,8 @@ def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tir
 
 def cpu_rules() -> list:
     """The dlight rules for the ``llvm`` target, most specific first."""
-    return [GroupGEMV(), NTMatmul(), DecodeAttention(), RaggedPrefillAttention(), Injective()]
+    return [GroupMatmul(), NTMatmul(), DecodeAttention(), RaggedPrefillAttention(), Injective()]
 
 
-__all__ = ["DecodeAttention", "GroupGEMV", "Injective", "NTMatmul", "RaggedPrefillAttention", "cpu_rules", "decode_attention_cpu",
-           "group_gemv_cpu", "ragged_prefill_attention_cpu"]
+__all__ = ["DecodeAttention", "GroupMatmul", "Injective", "NTMatmul", "RaggedPrefillAttention", "cpu_rules", "decode_attention_cpu",
+           "group_gemm_cpu", "group_gemv_cpu", "ragged_prefill_attention_cpu"]

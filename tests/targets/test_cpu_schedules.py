@@ -10,7 +10,7 @@ from tvm import te, tirx
 
 from relaxlm.passes import get_scheme
 from relaxlm.targets import resolve
-from relaxlm.targets.cpu_schedules import DecodeAttention, GroupGEMV, Injective, NTMatmul, RaggedPrefillAttention
+from relaxlm.targets.cpu_schedules import DecodeAttention, GroupMatmul, Injective, NTMatmul, RaggedPrefillAttention
 
 
 @pytest.fixture(scope="module")
@@ -113,29 +113,31 @@ def test_fused_dequantize_matmul_matches_unscheduled(target, rows):
     np.testing.assert_allclose(run(sch.mod["main"], target, args, (1, rows, 48)), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 7])
 @pytest.mark.parametrize("residual", [False, True])
-def test_group_gemv_replaces_the_4_bit_decode_kernel(target, residual):
-    """One activation row at 4 bits becomes ``group_gemv_cpu`` (the scale applied once per group),
-    with the replaced kernel's parameters in their order, and computes what the plain kernel does."""
+def test_group_matmul_replaces_the_4_bit_kernels(target, rows, residual):
+    """4-bit projections become ``group_gemv_cpu`` (one row: decode) or ``group_gemm_cpu``
+    (symbolic rows: prefill; 7 rows = a register tile of 6 and a leftover row), with the
+    replaced kernel's parameters in their order, and compute what the plain kernel does."""
     rng = np.random.default_rng(1)
-    func = dequantize_nt_matmul(1, 80, 128, residual)
-    sch = GroupGEMV().apply(func, target, False)
+    func = dequantize_nt_matmul(1 if rows == 1 else tirx.Var("seq_len", "int64"), 64, 128, residual)
+    sch = GroupMatmul().apply(func, target, False)
     assert sch is not None
     replacement = sch.mod["main"]
     assert [(tuple(p.shape), str(p.dtype)) for p in replacement.params] == [
         (tuple(p.shape), str(p.dtype)) for p in func.params]
-    assert 'T.sblock("gemv")' in replacement.script() and "dequantize" not in replacement.script()
-    args = quantized_args(rng, 1, 80, 128, residual)
-    expected = run(func, target, args, (1, 1, 80))
-    np.testing.assert_allclose(run(replacement, target, args, (1, 1, 80)), expected, rtol=1e-5, atol=1e-5)
+    kernel = "gemv" if rows == 1 else "gemm"
+    assert f'T.sblock("{kernel}")' in replacement.script() and "dequantize" not in replacement.script()
+    args = quantized_args(rng, rows, 64, 128, residual)
+    expected = run(func, target, args, (1, rows, 64))
+    np.testing.assert_allclose(run(replacement, target, args, (1, rows, 64)), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_group_gemv_leaves_other_matmuls_to_nt_matmul(target):
-    """Prefill (several rows), 8-bit codes, ``k`` not a multiple of 64, unquantized weights."""
-    rows = tirx.Var("seq_len", "int64")
-    for func in (dequantize_nt_matmul(rows, 48, 128), dequantize_nt_matmul(1, 48, 128, bits=8),
-                 dequantize_nt_matmul(1, 48, 96), nt_matmul(1, 48, 128)):
-        assert GroupGEMV().apply(func, target, False) is None
+def test_group_matmul_leaves_other_matmuls_to_nt_matmul(target):
+    """8-bit codes, unquantized weights, one row with ``k`` not a multiple of 64."""
+    for func in (dequantize_nt_matmul(1, 48, 128, bits=8), dequantize_nt_matmul(tirx.Var("n", "int64"), 48, 128, bits=8),
+                 nt_matmul(1, 48, 128), dequantize_nt_matmul(1, 48, 96)):
+        assert GroupMatmul().apply(func, target, False) is None
         assert NTMatmul().apply(func, target, False) is not None
 
 
