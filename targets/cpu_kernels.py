@@ -1,0 +1,361 @@
+"""Hand-written CPU kernels for the ``llvm`` target. The rules of :mod:`.cpu_schedules` put them
+in place of the kernels they replace, with the same parameters and results.
+
+- :func:`group_gemv_cpu` and :func:`group_gemm_cpu`: projections with 4-bit group-quantized
+  weights (``passes.quantization``), for one activation row (decode) and for several (prefill).
+- :func:`decode_attention_cpu` and :func:`ragged_prefill_attention_cpu`: two attention kernels of
+  TVM's paged KV cache, which in TVM run one query head after another with scalar code and
+  rescale the output after every key: here (query, head) pairs run in parallel, ``q . k`` is
+  vectorised and the online softmax rescales once per :data:`KEY_TILE` keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+# float32 lanes of one AVX2 vector, and 4-bit codes per uint32: a vector of codes is one word.
+F32_LANES = PACKED_LANES = 8
+# Codes per block of group_gemv_cpu: one vector of packed words.
+GEMV_BLOCK = PACKED_LANES * PACKED_LANES
+# Output rows per parallel task of group_gemv_cpu.
+_GEMV_ROWS_PER_TASK = 16
+# Activation rows by weight rows of group_gemm_cpu's register tile: 12 accumulators, 2 weight
+# vectors and 1 activation vector fill 15 of AVX2's 16 registers.
+_GEMM_TILE_ROWS, _GEMM_TILE_COLS = 6, 2
+# The parameters of group_gemv_cpu and group_gemm_cpu, in order.
+GROUP_MATMUL_PARAMS = ("x", "packed", "scale", "residual", "out")
+
+
+def largest_divisor(n: int, candidates: tuple[int, ...]) -> int | None:
+    """The first of ``candidates`` that divides ``n``."""
+    return next((c for c in candidates if n % c == 0), None)
+
+
+# pylint: disable=invalid-name,unused-argument,too-many-arguments,too-many-locals
+def group_gemv_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype: str, residual: bool) -> tirx.PrimFunc:
+    """``out = x . dequantize(packed, scale)^T (+ residual)`` for one activation row ``x`` of ``k``
+    float32 values and 4-bit codes (8 per uint32, zero point 7). Its parameters are
+    :data:`GROUP_MATMUL_PARAMS`; without ``residual`` the kernel never reads that one, and the caller
+    leaves it out. ``k`` is a multiple of :data:`GEMV_BLOCK`.
+
+    A row is read :data:`PACKED_LANES` words (a block of 64 codes) at a time, as one vector whose
+    lane ``l`` is word ``l``. Shifting the whole vector by ``4 s`` puts code ``s`` of every word in
+    its lane, so a block is 8 immediate shifts, masks, converts, zero-point subtractions and FMAs,
+    against ``x`` permuted once per call to the same order (``x_planes``). The FMAs go to two
+    partial sums (latency), which the lanes' group scales multiply once per block; each row's lanes
+    are summed at its end. Output rows go in parallel blocks of :data:`_GEMV_ROWS_PER_TASK`."""
+    group, x_shape, out_shape = k // groups, shapes[0], shapes[1]
+    blocks, lanes, rows = k // GEMV_BLOCK, PACKED_LANES, largest_divisor(n, (_GEMV_ROWS_PER_TASK, 8, 4, 2, 1))
+
+    @T.macro
+    def plane(partial, packed, x_planes, j, b, s):
+        # Code s of each of the block's words, times x at that code's position.
+        for lane in T.vectorized(lanes):
+            partial[lane] += (T.Cast("float32", T.Cast("int32", T.bitwise_and(
+                T.shift_right(packed[j, b * lanes + lane], T.uint32(4 * s)), T.uint32(15)))) - 7.0
+                ) * x_planes[(b * lanes + s) * lanes + lane]
+
+    @T.prim_func(s_tir=True)
+    def group_gemv(x: T.Buffer(x_shape, "float32"), packed: T.Buffer((n, k // lanes), "uint32"),
+                   scale: T.Buffer((n, groups), scale_dtype), added: T.Buffer(out_shape, "float32"),
+                   out: T.Buffer(out_shape, "float32")):
+        T.func_attr({"tirx.noalias": True})
+        x_row = T.decl_buffer((k,), "float32", data=x.data)
+        out_row = T.decl_buffer((n,), "float32", data=out.data)
+        # Python-level ifs: without a residual the kernel never touches the parameter (dropped).
+        if residual:
+            added_row = T.decl_buffer((n,), "float32", data=added.data)
+        x_planes = T.alloc_buffer((k,), "float32")
+        for b, s, w in T.grid(blocks, lanes, lanes):
+            with T.sblock("x_planes"):
+                vb, vs, vw = T.axis.remap("SSS", [b, s, w])
+                x_planes[(vb * lanes + vs) * lanes + vw] = x_row[(vb * lanes + vw) * lanes + vs]
+        for task in T.parallel(n // rows):
+            with T.sblock("gemv"):
+                if residual:
+                    T.reads(x_planes[0:k], packed[0:n, 0:k // lanes], scale[0:n, 0:groups], added_row[0:n])
+                else:
+                    T.reads(x_planes[0:k], packed[0:n, 0:k // lanes], scale[0:n, 0:groups])
+                T.writes(out_row[0:n])
+                acc = T.sblock_alloc_buffer((lanes,), "float32")
+                even = T.sblock_alloc_buffer((lanes,), "float32")
+                odd = T.sblock_alloc_buffer((lanes,), "float32")
+                total = T.sblock_alloc_buffer((1,), "float32")
+                for r in T.serial(rows):
+                    j: T.let[T.int32] = task * rows + r
+                    for lane in T.vectorized(lanes):
+                        acc[lane] = 0.0
+                    for b in T.serial(blocks):
+                        for lane in T.vectorized(lanes):
+                            even[lane] = 0.0
+                            odd[lane] = 0.0
+                        for s in T.unroll(lanes // 2):
+                            plane(even, packed, x_planes, j, b, 2 * s)
+                            plane(odd, packed, x_planes, j, b, 2 * s + 1)
+                        for lane in T.vectorized(lanes):
+                            acc[lane] += (even[lane] + odd[lane]) * T.Cast(
+                                "float32", scale[j, (b * lanes + lane) * lanes // group])
+                    total[0] = 0.0
+                    for lane in T.serial(lanes):
+                        total[0] += acc[lane]
+                    if residual:
+                        out_row[j] = total[0] + added_row[j]
+                    else:
+                        out_row[j] = total[0]
+
+    return group_gemv
+
+
+def gemm_block_rows(n: int) -> int | None:
+    """Weight rows per parallel task of :func:`group_gemm_cpu`: 64, or 32 where that leaves too
+    few tasks to share among the threads (576 rows: 18 tasks, not 9)."""
+    for rows in (64, 32):
+        if n % rows == 0 and (n // rows >= 16 or rows == 32):
+            return rows
+    return None
+
+
+def group_gemm_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype: str, residual: bool) -> tirx.PrimFunc:
+    """``out = x . dequantize(packed, scale)^T (+ residual)`` for any number of activation rows
+    (prefill), 4-bit codes as in :func:`group_gemv_cpu`, same parameters.
+
+    Each parallel task dequantizes a block of :func:`_gemm_block_rows` weight rows once (in
+    order, vectorised) and multiplies every activation row with it in tiles of
+    :data:`_GEMM_TILE_ROWS` activation rows by :data:`_GEMM_TILE_COLS` weight rows: per 8 values
+    of ``k``, 3 + 4 vector loads feed 12 independent FMA chains that stay in registers, and each
+    of the 12 outputs is summed across its lanes at the end. Rows left over go one at a time."""
+    group, x_shape, out_shape = k // groups, shapes[0], shapes[1]
+    block, lanes, cols = gemm_block_rows(n), PACKED_LANES, _GEMM_TILE_COLS
+    rows = functools.reduce(lambda a, b: a * b, x_shape[:-1])
+    tiles = rows // _GEMM_TILE_ROWS
+
+    @T.macro
+    def tile(acc, total, x_rows, weights, out_rows, added_rows, first, count, j0, jb):
+        """Outputs of activation rows ``first ..`` (``count`` of them) for weight rows ``jb ..``
+        of the task's block (``j0``: the block's first row)."""
+        for r, c in T.grid(count, cols):
+            for lane in T.vectorized(lanes):
+                acc[r, c, lane] = 0.0
+        for kv in T.serial(k // lanes):
+            for r in T.unroll(count):
+                for c in T.unroll(cols):
+                    for lane in T.vectorized(lanes):
+                        acc[r, c, lane] += (x_rows[(first + r) * k + kv * lanes + lane]
+                                            * weights[(jb + c) * k + kv * lanes + lane])
+        for r in T.unroll(count):
+            for c in T.unroll(cols):
+                total[0] = 0.0
+                for lane in T.serial(lanes):
+                    total[0] += acc[r, c, lane]
+                if residual:
+                    out_rows[(first + r) * n + j0 + jb + c] = total[0] + added_rows[(first + r) * n + j0 + jb + c]
+                else:
+                    out_rows[(first + r) * n + j0 + jb + c] = total[0]
+
+    @T.prim_func(s_tir=True)
+    def group_gemm(x: T.Buffer(x_shape, "float32"), packed: T.Buffer((n, k // lanes), "uint32"),
+                   scale: T.Buffer((n, groups), scale_dtype), added: T.Buffer(out_shape, "float32"),
+                   out: T.Buffer(out_shape, "float32")):
+        T.func_attr({"tirx.noalias": True})
+        x_rows = T.decl_buffer((rows * k,), "float32", data=x.data)
+        out_rows = T.decl_buffer((rows * n,), "float32", data=out.data)
+        if residual:
+            added_rows = T.decl_buffer((rows * n,), "float32", data=added.data)
+        else:
+            added_rows = out_rows  # never read
+        for task in T.parallel(n // block):
+            with T.sblock("gemm"):
+                if residual:
+                    T.reads(x_rows[0:rows * k], packed[0:n, 0:k // lanes], scale[0:n, 0:groups], added_rows[0:rows * n])
+                else:
+                    T.reads(x_rows[0:rows * k], packed[0:n, 0:k // lanes], scale[0:n, 0:groups])
+                T.writes(out_rows[0:rows * n])
+                weights = T.sblock_alloc_buffer((block * k,), "float32")
+                acc = T.sblock_alloc_buffer((_GEMM_TILE_ROWS, cols, lanes), "float32")
+                total = T.sblock_alloc_buffer((1,), "float32")
+                j0: T.let[T.int32] = task * block
+                for jj, w in T.grid(block, k // lanes):
+                    for lane in T.vectorized(lanes):
+                        weights[jj * k + w * lanes + lane] = (T.Cast("float32", T.Cast("int32", T.bitwise_and(
+                            T.shift_right(packed[j0 + jj, w], T.Cast("uint32", lane * 4)), T.uint32(15)))) - 7.0
+                            ) * T.Cast("float32", scale[j0 + jj, w * lanes // group])
+                for jb in T.serial(block // cols):
+                    for t in T.serial(tiles):
+                        tile(acc, total, x_rows, weights, out_rows, added_rows, t * _GEMM_TILE_ROWS,
+                             _GEMM_TILE_ROWS, j0, jb * cols)
+                    for m in T.serial(tiles * _GEMM_TILE_ROWS, rows):
+                        tile(acc, total, x_rows, weights, out_rows, added_rows, m, 1, j0, jb * cols)
+
+    return group_gemm
+
+
+
+# Keys per step of the attention kernels' online softmax (a page of TVM's cache).
+KEY_TILE = 16
+# TVM's "minus infinity" for running maxima: exp2 of (it - a real score) is exactly 0 in float32.
+_NEG = -5e4
+_LOG2_E = math.log2(math.e)
+# Slots of the attention kernels' ``state`` buffer: running max, its update, softmax sum, rescale.
+_MAX, _NEW_MAX, _SUM, _RESCALE = 0, 1, 2, 3
+
+
+@T.macro
+def _start(o, state):
+    # As in TVM's kernels: with no keys the output is 0 and the lse -5e4.
+    state[_MAX] = _NEG
+    state[_SUM] = 1.0
+    for i in T.vectorized(o.shape[0]):
+        o[i] = 0.0
+
+
+@T.macro
+def _attend(q_row, keys, values, n, sm_scale, o, partial, score, state):
+    """Online softmax over ``n`` keys and values (rows of ``keys``/``values``): vectorised dot
+    products into ``score``, then one rescale of ``o`` and the weighted values."""
+    state[_NEW_MAX] = state[_MAX]
+    for key in T.serial(n):
+        for lane in T.vectorized(F32_LANES):
+            partial[lane] = 0.0
+        for c in T.serial(o.shape[0] // F32_LANES):
+            for lane in T.vectorized(F32_LANES):
+                partial[lane] += (T.Cast("float32", q_row[c * F32_LANES + lane])
+                                  * T.Cast("float32", keys[key, c * F32_LANES + lane]))
+        score[key] = 0.0
+        for lane in T.serial(F32_LANES):
+            score[key] += partial[lane]
+        score[key] *= sm_scale * _LOG2_E
+        state[_NEW_MAX] = T.max(state[_NEW_MAX], score[key])
+    state[_RESCALE] = T.exp2(state[_MAX] - state[_NEW_MAX])
+    state[_SUM] *= state[_RESCALE]
+    for i in T.vectorized(o.shape[0]):
+        o[i] *= state[_RESCALE]
+    for key in T.serial(n):
+        score[key] = T.exp2(score[key] - state[_NEW_MAX])
+        state[_SUM] += score[key]
+        for i in T.vectorized(o.shape[0]):
+            o[i] += score[key] * T.Cast("float32", values[key, i])
+    state[_MAX] = state[_NEW_MAX]
+
+
+@T.macro
+def _finish(o, state, out_row, lse, row, h):
+    for i in T.vectorized(o.shape[0]):
+        out_row[i] = T.Cast(out_row.dtype, o[i] / state[_SUM])
+    lse[row, h] = state[_MAX] + T.log2(state[_SUM])
+
+
+def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFunc:
+    """One query per sequence over its cached keys, with TVM's signature and results (output and
+    log2-sum-exp per head). Each (sequence, head) is one parallel task, which attends to one page
+    of keys at a time. relaxlm applies RoPE in the model (``RopeMode.NONE``): ``rotary_mode`` is 0."""
+    group, page_size = h_q // h_kv, KEY_TILE
+
+    @T.prim_func(s_tir=True)
+    def batch_decode_paged_kv_cpu(
+        var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle, var_page_values: T.handle,
+        var_length_info: T.handle, var_k_rope_pos_offset: T.handle, var_q_rope_position: T.handle,
+        var_output: T.handle, var_lse: T.handle,
+        rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        batch_size, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(var_q, (batch_size, h_q, d), dtype)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, d), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", offset_factor=1)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", offset_factor=1)
+        last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32", offset_factor=1)
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", offset_factor=1)
+        T.match_buffer(var_q_rope_position, (batch_size,), "int32", offset_factor=1)
+        output = T.match_buffer(var_output, (batch_size, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
+        T.Assert(rotary_mode == 0, "relaxlm's CPU attention expects RoPE applied by the model")
+        for task in T.parallel(batch_size * h_q):
+            with T.sblock("attn"):
+                T.reads(q[0:batch_size, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d],
+                        page_indptr[0:batch_size + 1], page_values[0:nnz_pages], last_page_len[0:batch_size])
+                T.writes(output[0:batch_size, 0:h_q, 0:d], lse[0:batch_size, 0:h_q])
+                o = T.sblock_alloc_buffer((d,), "float32")
+                partial = T.sblock_alloc_buffer((F32_LANES,), "float32")
+                score = T.sblock_alloc_buffer((page_size,), "float32")
+                state = T.sblock_alloc_buffer((4,), "float32")
+                b: T.let[T.int32] = task // h_q
+                h: T.let[T.int32] = task % h_q
+                begin: T.let[T.int32] = page_indptr[b]
+                num_pages: T.let[T.int32] = page_indptr[b + 1] - begin
+                _start(o, state)
+                for p in T.serial(num_pages):
+                    page: T.let[T.int32] = page_values[begin + p]
+                    keys = T.decl_buffer((page_size, d), dtype, data=pages.data,
+                                         elem_offset=((page * 2 + 0) * h_kv + h // group) * page_size * d)
+                    values = T.decl_buffer((page_size, d), dtype, data=pages.data,
+                                           elem_offset=((page * 2 + 1) * h_kv + h // group) * page_size * d)
+                    _attend(T.decl_buffer((d,), dtype, data=q.data, elem_offset=task * d), keys, values,
+                            T.if_then_else(p == num_pages - 1, last_page_len[b], page_size), sm_scale,
+                            o, partial, score, state)
+                _finish(o, state, T.decl_buffer((d,), dtype, data=output.data, elem_offset=task * d), lse, b, h)
+
+    return batch_decode_paged_kv_cpu
+
+
+def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFunc:
+    """The queries of a prefill chunk over the chunk's own keys (causal when the runtime says so),
+    with TVM's signature and results. Each (query, head) is one parallel task, which attends to
+    :data:`KEY_TILE` keys at a time and skips the masked ones (exactly 0 in TVM's kernel)."""
+    group, tile = h_q // h_kv, KEY_TILE
+
+    @T.prim_func(s_tir=True)
+    def batch_prefill_ragged_kv(
+        var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle, var_kv_indptr: T.handle,
+        var_q_rope_position: T.handle, var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
+        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        batch_size, qo_len, kv_len = T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(var_q, (qo_len, h_q, d), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", offset_factor=1)
+        k = T.match_buffer(var_k, (kv_len, h_kv, d), dtype)
+        v = T.match_buffer(var_v, (kv_len, h_kv, d), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", offset_factor=1)
+        T.match_buffer(var_q_rope_position, (qo_len,), "int32", offset_factor=1)
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", offset_factor=1)
+        output = T.match_buffer(var_output, (qo_len, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
+        T.Assert(rotary_mode == 0, "relaxlm's CPU attention expects RoPE applied by the model")
+        for task in T.parallel(qo_len * h_q):
+            with T.sblock("attn"):
+                T.reads(q[0:qo_len, 0:h_q, 0:d], k[0:kv_len, 0:h_kv, 0:d], v[0:kv_len, 0:h_kv, 0:d],
+                        q_indptr[0:batch_size + 1], kv_indptr[0:batch_size + 1])
+                T.writes(output[0:qo_len, 0:h_q, 0:d], lse[0:qo_len, 0:h_q])
+                o = T.sblock_alloc_buffer((d,), "float32")
+                partial = T.sblock_alloc_buffer((F32_LANES,), "float32")
+                score = T.sblock_alloc_buffer((tile,), "float32")
+                state = T.sblock_alloc_buffer((4,), "float32")
+                seq = T.sblock_alloc_buffer((1,), "int32")
+                row: T.let[T.int32] = task // h_q
+                h: T.let[T.int32] = task % h_q
+                # The query's sequence: the last one starting at or before it (empty ones included).
+                seq[0] = 0
+                for i in T.serial(batch_size):
+                    if q_indptr[i] <= row:
+                        seq[0] = i
+                begin: T.let[T.int32] = kv_indptr[seq[0]]
+                # Causal: the chunk's queries end where its keys end, each sees the keys up to its own.
+                limit: T.let[T.int32] = T.if_then_else(causal > 0, kv_indptr[seq[0] + 1] - q_indptr[seq[0] + 1] + row + 1,
+                                                       kv_indptr[seq[0] + 1]) - begin
+                _start(o, state)
+                for t in T.serial(T.ceildiv(limit, tile)):
+                    keys = T.decl_buffer((tile, d), dtype, data=k.data, strides=[h_kv * d, 1],
+                                         elem_offset=((begin + t * tile) * h_kv + h // group) * d)
+                    values = T.decl_buffer((tile, d), dtype, data=v.data, strides=[h_kv * d, 1],
+                                           elem_offset=((begin + t * tile) * h_kv + h // group) * d)
+                    _attend(T.decl_buffer((d,), dtype, data=q.data, elem_offset=task * d), keys, values,
+                            T.min(tile, limit - t * tile), sm_scale, o, partial, score, state)
+                _finish(o, state, T.decl_buffer((d,), dtype, data=output.data, elem_offset=task * d), lse, row, h)
+
+    return batch_prefill_ragged_kv
+
+
+__all__ = ["GROUP_MATMUL_PARAMS", "decode_attention_cpu", "gemm_block_rows", "group_gemm_cpu", "group_gemv_cpu",
+           "ragged_prefill_attention_cpu"]
