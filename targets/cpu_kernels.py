@@ -3,6 +3,7 @@ in place of the kernels they replace, with the same parameters and results.
 
 - :func:`group_gemv_cpu` and :func:`group_gemm_cpu`: projections with 4-bit group-quantized
   weights (``passes.quantization``), for one activation row (decode) and for several (prefill).
+- :func:`split_qkv_cpu`: TVM's KV-cache kernel that splits the fused qkv, without its RoPE.
 - :func:`decode_attention_cpu` and :func:`ragged_prefill_attention_cpu`: two attention kernels of
   TVM's paged KV cache, which in TVM run one query head after another with scalar code and
   rescale the output after every key: here (query, head) pairs run in parallel, ``q . k`` is
@@ -357,5 +358,46 @@ def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tir
     return batch_prefill_ragged_kv
 
 
+# Tokens above which the qkv split runs in parallel (one decode token does not pay for the pool).
+_SPLIT_PARALLEL_TOKENS = 16
+
+
+@T.macro
+def _split_token(qkv, q, k, v, s):
+    for h, i in T.grid(q.shape[1], q.shape[2]):
+        q[s, h, i] = qkv[s, h, i]
+    for h, i in T.grid(k.shape[1], k.shape[2]):
+        k[s, h, i] = qkv[s, q.shape[1] + h, i]
+        v[s, h, i] = qkv[s, q.shape[1] + k.shape[1] + h, i]
+
+
+def split_qkv_cpu(h_q: int, h_kv: int, d: int, dtype: str) -> tirx.PrimFunc:
+    """TVM's KV-cache kernel that splits the fused qkv into q, k and v before attention, with its
+    signature. TVM's also applies RoPE per element (a branch, and a cos and sin when on); relaxlm
+    applies RoPE in the model (``apply_rope`` is 0), so this one only copies."""
+
+    @T.prim_func(s_tir=True)
+    def fused_rope(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle,
+                   var_v: T.handle, apply_rope: T.int64):
+        seq_len = T.int32()
+        qkv = T.match_buffer(var_qkv, (seq_len, h_q + 2 * h_kv, d), dtype)
+        T.match_buffer(var_position_map, (seq_len,), "int32", offset_factor=1)
+        q = T.match_buffer(var_q, (seq_len, h_q, d), dtype)
+        k = T.match_buffer(var_k, (seq_len, h_kv, d), dtype)
+        v = T.match_buffer(var_v, (seq_len, h_kv, d), dtype)
+        T.Assert(apply_rope == 0, "relaxlm's CPU KV cache expects RoPE applied by the model")
+        with T.sblock("split"):
+            T.reads(qkv[0:seq_len, 0:h_q + 2 * h_kv, 0:d])
+            T.writes(q[0:seq_len, 0:h_q, 0:d], k[0:seq_len, 0:h_kv, 0:d], v[0:seq_len, 0:h_kv, 0:d])
+            if seq_len > _SPLIT_PARALLEL_TOKENS:
+                for s in T.parallel(seq_len):
+                    _split_token(qkv, q, k, v, s)
+            else:
+                for s in T.serial(seq_len):
+                    _split_token(qkv, q, k, v, s)
+
+    return fused_rope
+
+
 __all__ = ["GROUP_MATMUL_PARAMS", "decode_attention_cpu", "gemm_block_rows", "group_gemm_cpu", "group_gemv_cpu",
-           "ragged_prefill_attention_cpu"]
+           "ragged_prefill_attention_cpu", "split_qkv_cpu"]

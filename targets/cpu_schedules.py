@@ -12,8 +12,8 @@ output rows (strided gathers) while compiling slowly. The rules, most specific f
   split, the inner part ``rfactor``-ed into a small accumulator vectorised along ``k``, blocks of
   output rows in parallel. An 8-bit ``dequantize`` is inlined for one row, and dequantized per
   block of weight rows for several (:func:`_schedule_blocked`).
-- :class:`DecodeAttention` and :class:`RaggedPrefillAttention`: two attention kernels of TVM's
-  paged KV cache, replaced by relaxlm's.
+- :class:`DecodeAttention`, :class:`RaggedPrefillAttention` and :class:`SplitQKV`: kernels of
+  TVM's paged KV cache, replaced by relaxlm's.
 - :class:`Injective`: elementwise and layout kernels, inlined into one loop nest.
 """
 
@@ -28,7 +28,7 @@ from tvm.target import Target
 
 from .cpu_kernels import (F32_LANES, GEMV_BLOCK, GROUP_MATMUL_PARAMS, KEY_TILE, PACKED_LANES, decode_attention_cpu,
                           gemm_block_rows, group_gemm_cpu, group_gemv_cpu, largest_divisor,
-                          ragged_prefill_attention_cpu)
+                          ragged_prefill_attention_cpu, split_qkv_cpu)
 
 # Output rows per parallel task of the row-wise dot products (decode).
 _ROWS_PER_TASK = 16
@@ -354,9 +354,28 @@ class RaggedPrefillAttention(_AttentionReplacement):
         return ragged_prefill_attention_cpu(int(h_kv), int(h_q), int(d), str(q.dtype))
 
 
+class SplitQKV(CPUScheduleRule):
+    """Replaces the KV cache's split of the fused qkv (TVM's ``fused_rope``, left unscheduled)
+    with :func:`split_qkv_cpu`."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not (isinstance(func, tirx.PrimFunc) and self.is_target_available(target)
+                and func.attrs.get("global_symbol") == "fused_rope" and len(func.params) == 6):
+            return None
+        original = s_tir.Schedule(func)
+        blocks = [original.get(b) for b in original.get_child_blocks(original.get_sblock("root"))]
+        if [b.name_hint for b in blocks] != ["llama_fused_rope"]:
+            return None
+        block = blocks[0]
+        qkv = block.reads[-1].source
+        q, k, _ = (region.source for region in block.writes)
+        (_, _, d), h_q = qkv.shape, q.shape[1]
+        return s_tir.Schedule(split_qkv_cpu(int(h_q), int(k.shape[1]), int(d), str(qkv.dtype)))
+
+
 def cpu_rules() -> list:
     """The dlight rules for the ``llvm`` target, most specific first."""
-    return [GroupMatmul(), NTMatmul(), DecodeAttention(), RaggedPrefillAttention(), Injective()]
+    return [GroupMatmul(), NTMatmul(), DecodeAttention(), RaggedPrefillAttention(), SplitQKV(), Injective()]
 
 
-__all__ = ["DecodeAttention", "GroupMatmul", "Injective", "NTMatmul", "RaggedPrefillAttention", "cpu_rules"]
+__all__ = ["DecodeAttention", "GroupMatmul", "Injective", "NTMatmul", "RaggedPrefillAttention", "SplitQKV", "cpu_rules"]

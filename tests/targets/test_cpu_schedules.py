@@ -10,7 +10,8 @@ from tvm import te, tirx
 
 from relaxlm.passes import get_scheme
 from relaxlm.targets import resolve
-from relaxlm.targets.cpu_schedules import DecodeAttention, GroupMatmul, Injective, NTMatmul, RaggedPrefillAttention
+from relaxlm.targets.cpu_schedules import (DecodeAttention, GroupMatmul, Injective, NTMatmul, RaggedPrefillAttention,
+                                           SplitQKV)
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +203,26 @@ def test_ragged_prefill_attention_matches_tvms_kernel(target, q_lengths, kv_leng
     results = attention_results([tvms, sch.mod["main"]], target, arrays, rows, causal, 0, 1.0, 1e4, 0.125)
     assert_same_attention(results)
 
+
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_split_qkv_matches_tvms_kernel(target, tokens):
+    """Reference: TVM's KV-cache kernel that splits the fused qkv, with RoPE off (``apply_rope``
+    0), as relaxlm creates its cache; ours is a plain copy, parallel over many tokens."""
+    from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
+
+    tvms = llama_rope_with_position_map(1e4, 1.0, 64, 9, 3, "float32", {})
+    sch = SplitQKV().apply(tvms, target, False)
+    assert sch is not None
+    qkv = np.random.default_rng(3).standard_normal((tokens, 15, 64), dtype="float32")
+    results = []
+    for func in (tvms, sch.mod["main"]):
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        outs = [tvm.runtime.tensor(np.zeros((tokens, heads, 64), "float32")) for heads in (9, 3, 3)]
+        lib["main"](tvm.runtime.tensor(qkv), tvm.runtime.tensor(np.arange(tokens, dtype="int32")), *outs, 0)
+        results.append([o.numpy() for o in outs])
+    for ours, theirs in zip(results[1], results[0]):
+        np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(results[1][0], qkv[:, :9])
 
 def test_attention_replacements_leave_other_kernels_alone(target):
     for rule in (DecodeAttention(), RaggedPrefillAttention()):
