@@ -124,10 +124,10 @@ def group_gemm_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype
     """``out = x . dequantize(packed, scale)^T (+ residual)`` for any number of activation rows
     (prefill), 4-bit codes as in :func:`group_gemv_cpu`, same parameters.
 
-    Each parallel task dequantizes a block of :func:`_gemm_block_rows` weight rows once (in
+    Each parallel task dequantizes a block of :func:`gemm_block_rows` weight rows once (in
     order, vectorised) and multiplies every activation row with it in tiles of
     :data:`_GEMM_TILE_ROWS` activation rows by :data:`_GEMM_TILE_COLS` weight rows: per 8 values
-    of ``k``, 3 + 4 vector loads feed 12 independent FMA chains that stay in registers, and each
+    of ``k``, 6 + 2 vector loads feed 12 independent FMA chains that stay in registers, and each
     of the 12 outputs is summed across its lanes at the end. Rows left over go one at a time."""
     group, x_shape, out_shape = k // groups, shapes[0], shapes[1]
     block, lanes, cols = gemm_block_rows(n), PACKED_LANES, _GEMM_TILE_COLS
