@@ -45,10 +45,10 @@ def group_gemv_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype
 
     A row is read :data:`PACKED_LANES` words (a block of 64 codes) at a time, as one vector whose
     lane ``l`` is word ``l``. Shifting the whole vector by ``4 s`` puts code ``s`` of every word in
-    its lane, so a block is 8 immediate shifts, masks, converts, zero-point subtractions and FMAs,
-    against ``x`` permuted once per call to the same order (``x_planes``). The FMAs go to two
-    partial sums (latency), which the lanes' group scales multiply once per block; each row's lanes
-    are summed at its end. Output rows go in parallel blocks of :data:`_GEMV_ROWS_PER_TASK`."""
+    its lane, so a block is 8 immediate shifts, masks, converts and FMAs against ``x`` permuted
+    once per call to the same order (``x_planes``). The FMAs go to two partial sums (latency); the
+    zero point comes off once per block, as 7 times each word's sum of ``x`` (``zero_sums``, once
+    per call), and then the lanes' group scales multiply. Each row's lanes are summed at its end. Output rows go in parallel blocks of :data:`_GEMV_ROWS_PER_TASK`."""
     group, x_shape, out_shape = k // groups, shapes[0], shapes[1]
     blocks, lanes, rows = k // GEMV_BLOCK, PACKED_LANES, largest_divisor(n, (_GEMV_ROWS_PER_TASK, 8, 4, 2, 1))
 
@@ -56,8 +56,8 @@ def group_gemv_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype
     def plane(partial, packed, x_planes, j, b, s):
         # Code s of each of the block's words, times x at that code's position.
         for lane in T.vectorized(lanes):
-            partial[lane] += (T.Cast("float32", T.Cast("int32", T.bitwise_and(
-                T.shift_right(packed[j, b * lanes + lane], T.uint32(4 * s)), T.uint32(15)))) - 7.0
+            partial[lane] += T.Cast("float32", T.Cast("int32", T.bitwise_and(
+                T.shift_right(packed[j, b * lanes + lane], T.uint32(4 * s)), T.uint32(15)))
                 ) * x_planes[(b * lanes + s) * lanes + lane]
 
     @T.prim_func(s_tir=True)
@@ -71,16 +71,26 @@ def group_gemv_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype
         if residual:
             added_row = T.decl_buffer((n,), "float32", data=added.data)
         x_planes = T.alloc_buffer((k,), "float32")
+        zero_sums = T.alloc_buffer((k // lanes,), "float32")
         for b, s, w in T.grid(blocks, lanes, lanes):
             with T.sblock("x_planes"):
                 vb, vs, vw = T.axis.remap("SSS", [b, s, w])
                 x_planes[(vb * lanes + vs) * lanes + vw] = x_row[(vb * lanes + vw) * lanes + vs]
+        for w in T.serial(k // lanes):
+            with T.sblock("zero_sums"):
+                T.reads(x_row[w * lanes:w * lanes + lanes])
+                T.writes(zero_sums[w])
+                zero_sums[w] = 0.0
+                for i in T.serial(lanes):
+                    zero_sums[w] += x_row[w * lanes + i]
+                zero_sums[w] *= 7.0
         for task in T.parallel(n // rows):
             with T.sblock("gemv"):
                 if residual:
-                    T.reads(x_planes[0:k], packed[0:n, 0:k // lanes], scale[0:n, 0:groups], added_row[0:n])
+                    T.reads(x_planes[0:k], zero_sums[0:k // lanes], packed[0:n, 0:k // lanes], scale[0:n, 0:groups],
+                            added_row[0:n])
                 else:
-                    T.reads(x_planes[0:k], packed[0:n, 0:k // lanes], scale[0:n, 0:groups])
+                    T.reads(x_planes[0:k], zero_sums[0:k // lanes], packed[0:n, 0:k // lanes], scale[0:n, 0:groups])
                 T.writes(out_row[0:n])
                 acc = T.sblock_alloc_buffer((lanes,), "float32")
                 even = T.sblock_alloc_buffer((lanes,), "float32")
@@ -98,7 +108,7 @@ def group_gemv_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype
                             plane(even, packed, x_planes, j, b, 2 * s)
                             plane(odd, packed, x_planes, j, b, 2 * s + 1)
                         for lane in T.vectorized(lanes):
-                            acc[lane] += (even[lane] + odd[lane]) * T.Cast(
+                            acc[lane] += (even[lane] + odd[lane] - zero_sums[b * lanes + lane]) * T.Cast(
                                 "float32", scale[j, (b * lanes + lane) * lanes // group])
                     total[0] = 0.0
                     for lane in T.serial(lanes):
