@@ -21,6 +21,9 @@ from tqdm import tqdm
 
 from relaxlm import frontends, passes, targets
 from relaxlm.runtime.artifact import CONFIG_FILE, FORMAT_VERSION, sha256_of
+from relaxlm.runtime.engine import Model
+
+from . import calibration
 
 PAGE_SIZE = 16
 MAX_PREFILL_CHUNK = 1024
@@ -60,9 +63,12 @@ def default_output(source_name: str, quantization: str, target_name: str) -> Pat
 def compile_model(model: str | os.PathLike, target: str = "llvm", quantization: str | None = None,
                   output: str | os.PathLike | None = None, *, context_window: int | None = None,
                   prefill_chunk: int | None = None, debug_dump: str | os.PathLike | None = None,
-                  verbose: bool = False) -> Path:
+                  calibrate: bool | None = None, verbose: bool = False) -> Path:
     """Compile ``model`` (a HF directory, a ``.gguf`` file or a bundled alias) for ``target``
-    with ``quantization`` (default: the target's) and return the artifact directory."""
+    with ``quantization`` (default: the target's) and return the artifact directory.
+
+    ``calibrate`` (default: the scheme's, on at 4 bits) measures activation statistics on a
+    float32 build first and weighs the quantization by them (``compiler.calibration``)."""
     for option, value in (("context_window", context_window), ("prefill_chunk", prefill_chunk)):
         if value is not None and value <= 0:
             raise CompileError(f"{option} must be a positive number of tokens, not {value}")
@@ -81,7 +87,8 @@ def compile_model(model: str | os.PathLike, target: str = "llvm", quantization: 
             print(f"relaxlm: compiling {model} ({architecture}) for {resolved.name} at {scheme.name}", file=sys.stderr)
         phases.record("read", time.perf_counter() - start)
         build = _Build(source, architecture, family, config, resolved, scheme,
-                       Path(debug_dump) if debug_dump else None)
+                       Path(debug_dump) if debug_dump else None,
+                       scheme.calibrates if calibrate is None else calibrate and scheme.calibrates)
         return _write_artifact(build, out, phases, context_window, prefill_chunk, verbose)
     finally:
         source.close()
@@ -98,6 +105,7 @@ class _Build:
     resolved: targets.ResolvedTarget
     scheme: passes.QuantizationScheme
     debug_dump: Path | None
+    calibrate: bool = False
 
 
 def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefill_chunk, verbose) -> Path:
@@ -120,11 +128,15 @@ def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefi
             pipeline = passes.relax_pipeline(b.resolved.target, recipe, b.debug_dump)
             executable = tvm.compile(mod, b.resolved.target, relax_pipeline=pipeline)
             library = recipe.export_library(executable, staging)
+        found = None
+        if b.calibrate:
+            with phases("calibrate"):
+                found = _calibrate(b, out.parent, verbose)
         with phases("weights"):
             fixup = frontends.tensor_fixup(b.family, b.source, config)
             converted = frontends.convert_weights(b.source, source_params, fixup)
             weights = _write_weights(staging, b.scheme, converted, len(source_params),
-                                     {n: p for n, p in named_params}, verbose)
+                                     {n: p for n, p in named_params}, found.importance if found else {}, verbose)
         with phases("tokenizer"):
             has_tokenizer = b.source.save_tokenizer(staging)
         manifest = {
@@ -147,6 +159,7 @@ def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefi
             "weights": weights,
             "tokenizer": {"present": has_tokenizer, "eos_token_ids": _eos_ids(b.source.config, staging)},
             "generation": {"temperature": 0.0, "max_tokens": 256},
+            "calibration": found.summary() if found else None,
         }
         (staging / CONFIG_FILE).write_text(json.dumps(manifest, indent=2, default=str))
         _replace_dir(staging, out)
@@ -159,7 +172,19 @@ def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefi
     return out
 
 
-def _write_weights(staging: Path, scheme, converted, count: int, expected: dict, verbose: bool) -> dict[str, str]:
+def _calibrate(b: _Build, scratch: Path, verbose: bool) -> calibration.Calibration:
+    """Build the model at float32 for the CPU in a scratch directory, and calibrate on it."""
+    float_build = dataclasses.replace(b, scheme=passes.get_scheme("q0f32"), resolved=targets.resolve("llvm"),
+                                      debug_dump=None, calibrate=False)
+    with tempfile.TemporaryDirectory(prefix=".calibration.", dir=scratch) as directory:
+        path = _write_artifact(float_build, Path(directory) / "float32", _Phases(False),
+                               context_window=calibration.SEQUENCE_TOKENS, prefill_chunk=None, verbose=False)
+        capacity = len(calibration.OPENINGS) * (calibration.SEQUENCE_TOKENS + PAGE_SIZE)
+        return calibration.calibrate(Model(path, device="cpu", max_total_tokens=capacity), verbose)
+
+
+def _write_weights(staging: Path, scheme, converted, count: int, expected: dict, importance: dict,
+                   verbose: bool) -> dict[str, str]:
     """Write converted weights (stored by ``scheme``) as safetensors shards; returns {file: sha256}.
 
     ``expected`` maps the exported module's parameter names to its parameters: what the scheme
@@ -169,7 +194,7 @@ def _write_weights(staging: Path, scheme, converted, count: int, expected: dict,
     stored_names = set()
     for name, array in tqdm(converted, total=count, desc="converting weights", unit="tensor",
                             disable=not verbose, file=sys.stderr):
-        for key, stored in scheme.convert(name, array).items():
+        for key, stored in scheme.convert(name, array, importance.get(name)).items():
             _check_stored(key, stored, expected.get(key), scheme)
             stored_names.add(key)
             if size and size + stored.nbytes > SHARD_BYTES:

@@ -43,6 +43,8 @@ SCALE_DTYPE = "float16"
 # Where the largest weight of a group may land, as fractions of the top level z + 1: candidates of
 # the scale search (a grid of 31, refitted too, did no better on SmolLM2-135M's perplexity).
 _TOP_LEVEL_FRACTIONS = np.array([0.8, 0.875, 0.9375, 1.0], np.float32)
+# The least weight a channel has in an importance-weighted search, relative to the mean.
+_MIN_CHANNEL_WEIGHT = 1e-6
 # Weights per chunk of the search: its float32 temporaries (4 MB each) stay in cache.
 _CHUNK_ELEMENTS = 1 << 20
 
@@ -55,12 +57,20 @@ class QuantizationScheme:
     model_dtype: str
     description: str
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether compiling at this scheme measures activation statistics by default (see
+        ``compiler.calibration``): worth it where rounding error is large, at 4 bits."""
+        return False
+
     def quantize_module(self, module: nn.Module) -> nn.Module:
         """Rewrite the module's layers for this scheme (unquantized schemes keep it as it is)."""
         return module
 
-    def convert(self, name: str, array: np.ndarray) -> dict[str, np.ndarray]:
-        """One parameter of the unquantized module → the arrays stored for it, by parameter name."""
+    def convert(self, name: str, array: np.ndarray, importance: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """One parameter of the unquantized module → the arrays stored for it, by parameter name.
+        ``importance`` (one weight per input channel, see :meth:`GroupQuantization.quantize`)
+        matters only to quantized parameters."""
         return {name: array.astype(self.model_dtype)}
 
 
@@ -80,6 +90,10 @@ class GroupQuantization(QuantizationScheme):
         """Codes per uint32."""
         return 32 // self.bits
 
+    @property
+    def calibrates(self) -> bool:
+        return self.bits <= 4
+
     def quantizes(self, name: str, shape: tuple[int, ...]) -> bool:
         """Whether the parameter ``name`` of the unquantized module is stored quantized."""
         return name.endswith(".weight") and len(shape) == 2 and shape[1] % GROUP_SIZE == 0
@@ -87,44 +101,50 @@ class GroupQuantization(QuantizationScheme):
     def quantize_module(self, module: nn.Module) -> nn.Module:
         return _Quantizer(self).visit("", module)
 
-    def convert(self, name: str, array: np.ndarray) -> dict[str, np.ndarray]:
+    def convert(self, name: str, array: np.ndarray, importance: np.ndarray | None = None) -> dict[str, np.ndarray]:
         if not self.quantizes(name, array.shape):
             return super().convert(name, array)
-        q_weight, q_scale = self.quantize(array)
+        q_weight, q_scale = self.quantize(array, importance)
         prefix = name[: -len("weight")]
         return {prefix + Q_WEIGHT: q_weight, prefix + Q_SCALE: q_scale}
 
     # ---- the numbers ------------------------------------------------------------------------
-    def quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``w`` of shape (rows, k) → packed codes (rows, k / per_word) uint32 and scales
-        (rows, k / GROUP_SIZE) float16."""
+        (rows, k / GROUP_SIZE) float16.
+
+        ``importance`` (k,), if given, weighs each input channel's squared error in the scale
+        search: with E[x_j²] of the inputs the weight meets, the search minimises the expected
+        squared error of the layer's outputs (for uncorrelated inputs), not of its weights."""
         rows, k = w.shape
         groups = w.astype(np.float32).reshape(rows, k // GROUP_SIZE, GROUP_SIZE)
-        scale = self.best_scales(groups)
+        scale = self.best_scales(groups, _channel_weights(importance, k))
         codes = self._codes(groups, scale.astype(np.float32)[..., None]).astype(np.uint32)
         codes = codes.reshape(rows, k // self.per_word, self.per_word)
         shifts = np.arange(self.per_word, dtype=np.uint32) * self.bits
         packed = np.bitwise_or.reduce(codes << shifts, axis=-1).astype(np.uint32)
         return packed, scale
 
-    def best_scales(self, groups: np.ndarray) -> np.ndarray:
+    def best_scales(self, groups: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         """The float16 scale of each group (rows, groups, GROUP_SIZE) with the least squared
-        error: among ``± max|w| / t`` for a few ``t`` up to the top level ``z + 1``, each also
-        refitted by least squares to the codes it gives, and MLC's ``max|w| / z`` rounded up.
-        Rows go in chunks that stay in cache (it halves the time of the search)."""
+        error (weighted by ``weights`` (groups, GROUP_SIZE) if given): among ``± max|w| / t`` for
+        a few ``t`` up to the top level ``z + 1``, each also refitted by least squares to the
+        codes it gives, and MLC's ``max|w| / z`` rounded up. Rows go in chunks that stay in cache
+        (it halves the time of the search)."""
+        weights = np.ones(groups.shape[1:], np.float32) if weights is None else weights
         rows_per_chunk = max(1, _CHUNK_ELEMENTS // (groups.shape[1] * GROUP_SIZE))
-        return np.concatenate([self._search(groups[r:r + rows_per_chunk])
+        return np.concatenate([self._search(groups[r:r + rows_per_chunk], weights)
                                for r in range(0, len(groups), rows_per_chunk)])
 
-    def _search(self, groups: np.ndarray) -> np.ndarray:
+    def _search(self, groups: np.ndarray, weights: np.ndarray) -> np.ndarray:
         signed_max = np.take_along_axis(groups, np.abs(groups).argmax(-1)[..., None], -1)
         best = _round_up_to_float16(np.abs(signed_max) / self.zero_point)
-        best_error = self._squared_error(groups, best)
+        best_error = self._squared_error(groups, best, weights)
         for top in (self.zero_point + 1) * _TOP_LEVEL_FRACTIONS:
             for sign in (1, -1):
                 candidate = (sign * signed_max / top).astype(np.float16)
-                for scale in (candidate, self._refit(groups, candidate)):
-                    error = self._squared_error(groups, scale)
+                for scale in (candidate, self._refit(groups, candidate, weights)):
+                    error = self._squared_error(groups, scale, weights)
                     better = error < best_error
                     best, best_error = np.where(better, scale, best), np.where(better, error, best_error)
         return best[..., 0]
@@ -138,18 +158,20 @@ class GroupQuantization(QuantizationScheme):
     def _codes(self, groups: np.ndarray, scale: np.ndarray) -> np.ndarray:
         return self._levels(groups, scale) + self.zero_point
 
-    def _squared_error(self, groups: np.ndarray, scale16: np.ndarray) -> np.ndarray:
+    def _squared_error(self, groups: np.ndarray, scale16: np.ndarray, weights: np.ndarray) -> np.ndarray:
         scale = scale16.astype(np.float32)
         error = self._levels(groups, scale)
         np.multiply(error, scale, out=error)
         np.subtract(error, groups, out=error)
-        return np.einsum("rgk,rgk->rg", error, error)[..., None]
+        return np.einsum("rgk,gk,rgk->rg", error, weights, error)[..., None]
 
-    def _refit(self, groups: np.ndarray, scale16: np.ndarray) -> np.ndarray:
-        """The least-squares scale for the levels ``scale16`` gives: sum(w q) / sum(q q)."""
+    def _refit(self, groups: np.ndarray, scale16: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The (weighted) least-squares scale for the levels ``scale16`` gives:
+        sum(h w q) / sum(h q q)."""
         levels = self._levels(groups, scale16.astype(np.float32))
-        norm = np.einsum("rgk,rgk->rg", levels, levels)[..., None]
-        fitted = np.einsum("rgk,rgk->rg", groups, levels)[..., None] / np.where(norm == 0, 1, norm)
+        weighted = levels * weights
+        norm = np.einsum("rgk,rgk->rg", weighted, levels)[..., None]
+        fitted = np.einsum("rgk,rgk->rg", groups, weighted)[..., None] / np.where(norm == 0, 1, norm)
         return fitted.astype(np.float16)
 
     def dequantize(self, q_weight: np.ndarray, q_scale: np.ndarray) -> np.ndarray:
@@ -180,6 +202,18 @@ class GroupQuantization(QuantizationScheme):
             return te.compute((rows, words * per_word), element, name="dequantize")
 
         return op.tensor_expr_op(compute, "dequantize", [q_weight, q_scale])
+
+
+def _channel_weights(importance: np.ndarray | None, k: int) -> np.ndarray | None:
+    """Per-channel importance (k,) → search weights (groups, GROUP_SIZE), mean 1; channels the
+    calibration never saw (0) keep a small weight, so their group still gets a sensible scale."""
+    if importance is None:
+        return None
+    importance = np.asarray(importance, np.float64).reshape(k)
+    if not np.all(np.isfinite(importance)) or importance.min() < 0 or importance.max() <= 0:
+        raise PassError("quantization importance must be finite, non-negative and not all zero")
+    weights = importance / importance.mean()
+    return np.maximum(weights, _MIN_CHANNEL_WEIGHT).astype(np.float32).reshape(k // GROUP_SIZE, GROUP_SIZE)
 
 
 def _round_up_to_float16(scale: np.ndarray) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Real weights: perplexity of SmolLM2-135M-Instruct on a fixed English text (tests/data), at
-q0f32 against transformers loading the same GGUF, and at q4f32_1 against q0f32."""
+q0f32 against transformers loading the same GGUF, and at q4f32_1 (calibrated) against q0f32."""
 
 import math
 from pathlib import Path
@@ -32,12 +32,25 @@ def test_q0f32_perplexity_equals_transformers(smollm2_reference, smollm2_artifac
     assert abs(q0f32_perplexity.perplexity - expected) / expected < 1e-3, (q0f32_perplexity.perplexity, expected)
 
 
+@pytest.fixture(scope="module")
+def q4f32_1_perplexity(smollm2_artifacts):
+    """The default q4f32_1 compile, calibrated (compiler.calibration)."""
+    return perplexity(load(smollm2_artifacts("q4f32_1")), TEXT)
+
+
+def test_calibrated_q4f32_1_perplexity_is_within_20_percent_of_q0f32(q4f32_1_perplexity, q0f32_perplexity):
+    """A guard on the calibration: measured 19.19 against 16.30 (+17.7%); uncalibrated, the same
+    scheme gives 21.02 (+29%), so losing the importance weighting fails this."""
+    assert q4f32_1_perplexity.perplexity < 1.20 * q0f32_perplexity.perplexity, (
+        q4f32_1_perplexity.perplexity, q0f32_perplexity.perplexity)
+
+
 @pytest.mark.xfail(strict=True, reason=(
-    "issue 4 is open on this: measured 21.02 at q4f32_1 against 16.30 at q0f32 (+29%; +46% with "
-    "plain absmax scales). The bundled weights are already on llama.cpp's asymmetric Q4_1 grid "
-    "(a per-group offset), which a symmetric grid cannot hold: requantizing adds a second rounding "
-    "error as large as the first. GPTQ with 2k tokens of calibration text did worse (22.9)."))
-def test_q4f32_1_perplexity_is_within_10_percent_of_q0f32(smollm2_artifacts, q0f32_perplexity):
-    q4 = perplexity(load(smollm2_artifacts("q4f32_1")), TEXT)
-    assert abs(q4.perplexity - q0f32_perplexity.perplexity) / q0f32_perplexity.perplexity < 0.10, (
-        q4.perplexity, q0f32_perplexity.perplexity)
+    "issue 4 is open on this: measured 19.19 at q4f32_1 (calibrated) against 16.30 at q0f32 (+17.7%; "
+    "+29% uncalibrated, +46% with plain absmax scales). The bundled weights are already on llama.cpp's "
+    "asymmetric Q4_1 grid (a per-group offset), which a symmetric grid cannot hold: requantizing adds a "
+    "second rounding error as large as the first. Experiments in torch reached +11.3% with AWQ scaling "
+    "and GPTQ on the tied embedding, not 10%."))
+def test_q4f32_1_perplexity_is_within_10_percent_of_q0f32(q4f32_1_perplexity, q0f32_perplexity):
+    assert abs(q4f32_1_perplexity.perplexity - q0f32_perplexity.perplexity) / q0f32_perplexity.perplexity < 0.10, (
+        q4f32_1_perplexity.perplexity, q0f32_perplexity.perplexity)

@@ -1,0 +1,125 @@
+"""Calibration for 4-bit quantization: how much each input channel of each weight matters
+(llama.cpp's "importance matrix").
+
+A float32 build of the same model, for the CPU, writes its own calibration text: a few sequences
+sampled from plain openings. No dataset is needed, so none has to be shipped or licensed, and the
+text is in the model's own language and style. The build then reads the text back in one
+``verify`` pass per sequence (every position's logits, so the tied ``lm_head`` sees every
+position too), while the VM's instrument hook sums ``x_j²`` over the input of every kernel call
+that reads a weight. ``passes.quantization`` weighs each channel's squared error by the mean,
+which makes the scale search minimise the error of the layer's outputs rather than of its
+weights. On SmolLM2-135M at q4f32_1 that took perplexity from 29% above q0f32 to 18%.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import numpy as np
+import tvm
+from tqdm import tqdm
+
+from relaxlm.runtime.engine import Model
+from relaxlm.runtime.perplexity import perplexity_of_ids
+from relaxlm.runtime.sampling import Sampler, SamplingParams
+
+# Each sequence starts from one of these and is sampled at temperature 1 (top-p 0.95).
+OPENINGS = ("The", "In the", "It was", "Chapter I", "My dear", "When the", "She", "There is")
+SEQUENCE_TOKENS = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Mean ``x_j²`` of each weight's inputs, by parameter name, and what it was measured on."""
+
+    importance: dict[str, np.ndarray]
+    tokens: int
+    perplexity: float
+
+    def summary(self) -> dict:
+        """What the artifact's manifest records about it."""
+        return {"method": "importance (mean x^2 per input channel), self-generated text",
+                "sequences": len(OPENINGS), "tokens": self.tokens, "perplexity": round(self.perplexity, 3)}
+
+
+def calibrate(model: Model, verbose: bool = False) -> Calibration:
+    """Sample calibration text from ``model`` (a float build) and measure each weight's importance."""
+    return measure_importance(model, sample_sequences(model, min(SEQUENCE_TOKENS, model.context_window), verbose))
+
+
+def measure_importance(model: Model, sequences: list[list[int]]) -> Calibration:
+    """Read each sequence back (the perplexity pass: every token but the last goes in) and
+    average ``x_j²`` of each weight's inputs over all of them."""
+    importance = ImportanceHook(model)
+    model.vm.set_instrument(importance)
+    try:
+        result = perplexity_of_ids(model, [t for s in sequences for t in s], window=len(sequences[0]))
+    finally:
+        model.vm.set_instrument(None)
+    return Calibration(importance.means(), sum(map(len, sequences)), result.perplexity)
+
+
+def sample_sequences(model: Model, length: int, verbose: bool = False) -> list[list[int]]:
+    """One sequence of ``length`` tokens per opening, sampled in one batch (seeded: the same
+    model gives the same text)."""
+    starts = [_first_token(model, opening) for opening in OPENINGS]
+    samplers = [Sampler(SamplingParams(temperature=1.0, top_p=0.95, seed=i)) for i in range(len(starts))]
+    tokens = [[t] for t in starts]
+    seqs = [model.new_sequence() for _ in starts]
+    try:
+        logits = model.batch_prefill(seqs, tokens)
+        for _ in tqdm(range(length - 1), desc="calibration text", unit="token", disable=not verbose,
+                      file=sys.stderr):
+            step = [sample(row) for sample, row in zip(samplers, logits)]
+            for sequence, token in zip(tokens, step):
+                sequence.append(token)
+            logits = model.batch_decode(seqs, step)
+    finally:
+        for seq in seqs:
+            seq.close()
+    return tokens
+
+
+def _first_token(model: Model, opening: str) -> int:
+    """The opening's last token (after the tokenizer's own prefix, if any); a model without a
+    tokenizer starts from token 1."""
+    if not model.config["tokenizer"]["present"]:
+        return 1
+    return int(model.tokenizer(opening)["input_ids"][-1])
+
+
+class ImportanceHook:
+    """A VM instrument that sums ``x_j²`` of the input of every kernel call reading a weight.
+
+    A weight is recognised by its buffer (one of the model's parameters); its input is the float
+    tensor passed just before it, with as many columns as the weight (``NT_matmul(x, W, …)``). A
+    gather (``take(W, ids, …)``, the embedding lookup) passes nothing before it and adds nothing.
+    """
+
+    def __init__(self, model: Model):
+        self.weights = {p.data_ptr(): name for name, p in zip(model.config["params"], model.params)
+                        if len(p.shape) == 2}
+        self.sums: dict[str, np.ndarray] = {}
+        self.rows: dict[str, int] = {}
+
+    def __call__(self, func, symbol, before_run, ret_value, *args) -> int:
+        if before_run:
+            for previous, arg in zip(args, args[1:]):
+                name = self.weights.get(arg.data_ptr()) if isinstance(arg, tvm.runtime.Tensor) else None
+                if name and self._is_input(previous, arg):
+                    self._add(name, previous.numpy())
+        return 0  # go on with the call
+
+    def _is_input(self, x, weight) -> bool:
+        return (isinstance(x, tvm.runtime.Tensor) and x.data_ptr() not in self.weights
+                and "float" in str(x.dtype) and int(x.shape[-1]) == int(weight.shape[1]))
+
+    def _add(self, name: str, x: np.ndarray) -> None:
+        rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        self.sums[name] = self.sums.get(name, 0) + np.einsum("ij,ij->j", rows, rows)
+        self.rows[name] = self.rows.get(name, 0) + len(rows)
+
+    def means(self) -> dict[str, np.ndarray]:
+        """Mean ``x_j²`` per weight."""
+        return {name: total / self.rows[name] for name, total in self.sums.items()}

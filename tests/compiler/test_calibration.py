@@ -1,0 +1,74 @@
+"""Calibration: the importance each weight's inputs get from a compiled float32 model, against
+transformers' inputs to the same layers; and a calibrated 4-bit compile end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import relative_error
+from llama_specs import LLAMA_SPECS
+from relaxlm.compiler import calibration, compile_model
+from relaxlm.runtime import load
+from relaxlm.runtime.artifact import CONFIG_FILE
+
+LENGTH = 20
+# The module parameter each HF layer's input feeds, per decoder layer (q/k/v share the input of
+# the fused qkv_proj, gate/up that of gate_up_proj).
+HF_INPUT_OF = {"self_attn.q_proj": "self_attn.qkv_proj", "self_attn.o_proj": "self_attn.o_proj",
+               "mlp.gate_proj": "mlp.gate_up_proj", "mlp.down_proj": "mlp.down_proj"}
+
+
+def reference_importance(hf_model: torch.nn.Module, sequences: list[list[int]], tied: bool) -> dict[str, np.ndarray]:
+    """Mean x_j² of each layer's input in transformers, fed what the perplexity pass feeds (all
+    tokens of each sequence but its last), by the compiled module's parameter name."""
+    layers = {f"model.layers.{i}.{hf}": f"model.layers.{i}.{ours}.weight"
+              for i in range(hf_model.config.num_hidden_layers) for hf, ours in HF_INPUT_OF.items()}
+    layers["lm_head"] = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in layers.values()}
+    hooks = [module.register_forward_hook(lambda m, args, out, name=layers[path]: rows[name].append(args[0][0]))
+             for path, module in hf_model.named_modules() if path in layers]
+    try:
+        with torch.no_grad():
+            for sequence in sequences:
+                hf_model(torch.tensor([sequence[:-1]]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: torch.cat(xs).double().pow(2).mean(0).numpy() for name, xs in rows.items()}
+
+
+@pytest.mark.parametrize("spec", ["gqa_tied_fp16", "mha_llama3_bias_bf16"])
+def test_importance_equals_transformers_layer_inputs(tiny_models, spec):
+    tiny = tiny_models(LLAMA_SPECS[spec])
+    model = load(tiny.artifact, max_total_tokens=len(calibration.OPENINGS) * (LENGTH + 16))
+    sequences = calibration.sample_sequences(model, LENGTH)
+    assert [len(s) for s in sequences] == [LENGTH] * len(calibration.OPENINGS)
+    assert sequences == calibration.sample_sequences(model, LENGTH), "seeded sampling repeats itself"
+    assert len({tuple(s) for s in sequences}) == len(sequences)
+    measured = calibration.measure_importance(model, sequences)
+    expected = reference_importance(tiny.reference, sequences, tied=tiny.reference.config.tie_word_embeddings)
+    # Every weight a matmul reads, and only those (the embedding lookup adds nothing).
+    assert set(measured.importance) == set(expected)
+    for name, values in expected.items():
+        assert relative_error(measured.importance[name], values) < 1e-4, name
+    assert measured.tokens == len(sequences) * LENGTH and np.isfinite(measured.perplexity)
+
+
+def test_calibrated_q4_compile_records_it_and_stays_close_to_float32(tiny_models, tmp_path):
+    tiny = tiny_models(LLAMA_SPECS["gqa_tied_fp16"])
+    artifacts = {calibrate: compile_model(tiny.hf_dir, target="llvm", quantization="q4f32_1", calibrate=calibrate,
+                                          output=tmp_path / f"q4-{calibrate}") for calibrate in (True, False)}
+    manifest = json.loads((artifacts[True] / CONFIG_FILE).read_text())
+    context = tiny.reference.config.max_position_embeddings  # under SEQUENCE_TOKENS: sequences fill it
+    assert manifest["calibration"]["tokens"] == len(calibration.OPENINGS) * min(calibration.SEQUENCE_TOKENS, context)
+    assert json.loads((artifacts[False] / CONFIG_FILE).read_text())["calibration"] is None
+    assert not list(tmp_path.glob(".calibration.*")), "the float32 build is removed"
+    ids = [1, 5, 9, 14, 3, 27, 8, 61, 40, 12]
+    expected = tiny.reference_logits(ids)
+    for artifact in artifacts.values():
+        with load(artifact).new_sequence() as seq:
+            actual = seq.verify(ids)
+        # The bound of tests/passes/test_quantized_llama.py (random weights: see there).
+        assert relative_error(actual, expected) < 0.25
