@@ -136,7 +136,8 @@ def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefi
             fixup = frontends.tensor_fixup(b.family, b.source, config)
             converted = frontends.convert_weights(b.source, source_params, fixup)
             weights = _write_weights(staging, b.scheme, converted, len(source_params),
-                                     {n: p for n, p in named_params}, found.importance if found else {}, verbose)
+                                     {n: p for n, p in named_params}, found.importance if found else {},
+                                     found.hessians if found else {}, verbose)
         with phases("tokenizer"):
             has_tokenizer = b.source.save_tokenizer(staging)
         manifest = {
@@ -184,7 +185,7 @@ def _calibrate(b: _Build, scratch: Path, verbose: bool) -> calibration.Calibrati
 
 
 def _write_weights(staging: Path, scheme, converted, count: int, expected: dict, importance: dict,
-                   verbose: bool) -> dict[str, str]:
+                   hessians: dict, verbose: bool) -> dict[str, str]:
     """Write converted weights (stored by ``scheme``) as safetensors shards; returns {file: sha256}.
 
     ``expected`` maps the exported module's parameter names to its parameters: what the scheme
@@ -194,7 +195,7 @@ def _write_weights(staging: Path, scheme, converted, count: int, expected: dict,
     stored_names = set()
     for name, array in tqdm(converted, total=count, desc="converting weights", unit="tensor",
                             disable=not verbose, file=sys.stderr):
-        for key, stored in scheme.convert(name, array, importance.get(name)).items():
+        for key, stored in scheme.convert(name, array, importance.get(name), hessians.get(name)).items():
             _check_stored(key, stored, expected.get(key), scheme)
             stored_names.add(key)
             if size and size + stored.nbytes > SHARD_BYTES:

@@ -20,8 +20,8 @@ HF_INPUT_OF = {"self_attn.q_proj": "self_attn.qkv_proj", "self_attn.o_proj": "se
                "mlp.gate_proj": "mlp.gate_up_proj", "mlp.down_proj": "mlp.down_proj"}
 
 
-def reference_importance(hf_model: torch.nn.Module, sequences: list[list[int]], tied: bool) -> dict[str, np.ndarray]:
-    """Mean x_j² of each layer's input in transformers, fed what the perplexity pass feeds (all
+def reference_inputs(hf_model: torch.nn.Module, sequences: list[list[int]], tied: bool) -> dict[str, torch.Tensor]:
+    """Each layer's inputs (rows) in transformers, fed what the perplexity pass feeds (all
     tokens of each sequence but its last), by the compiled module's parameter name."""
     layers = {f"model.layers.{i}.{hf}": f"model.layers.{i}.{ours}.weight"
               for i in range(hf_model.config.num_hidden_layers) for hf, ours in HF_INPUT_OF.items()}
@@ -36,7 +36,7 @@ def reference_importance(hf_model: torch.nn.Module, sequences: list[list[int]], 
     finally:
         for hook in hooks:
             hook.remove()
-    return {name: torch.cat(xs).double().pow(2).mean(0).numpy() for name, xs in rows.items()}
+    return {name: torch.cat(xs).double() for name, xs in rows.items()}
 
 
 @pytest.mark.parametrize("spec", ["gqa_tied_fp16", "mha_llama3_bias_bf16"])
@@ -48,11 +48,17 @@ def test_importance_equals_transformers_layer_inputs(tiny_models, spec):
     assert sequences == calibration.sample_sequences(model, LENGTH), "seeded sampling repeats itself"
     assert len({tuple(s) for s in sequences}) == len(sequences)
     measured = calibration.measure_importance(model, sequences)
-    expected = reference_importance(tiny.reference, sequences, tied=tiny.reference.config.tie_word_embeddings)
+    tied = tiny.reference.config.tie_word_embeddings
+    inputs = reference_inputs(tiny.reference, sequences, tied)
     # Every weight a matmul reads, and only those (the embedding lookup adds nothing).
-    assert set(measured.importance) == set(expected)
-    for name, values in expected.items():
-        assert relative_error(measured.importance[name], values) < 1e-4, name
+    assert set(measured.importance) == set(inputs)
+    for name, x in inputs.items():
+        assert relative_error(measured.importance[name], x.pow(2).mean(0).numpy()) < 1e-4, name
+    # The logits weight's full second moment, for GPTQ.
+    logits_weight = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    assert list(measured.hessians) == [logits_weight]
+    x = inputs[logits_weight]
+    assert relative_error(measured.hessians[logits_weight], (x.T @ x / len(x)).numpy()) < 1e-4
     assert measured.tokens == len(sequences) * LENGTH and np.isfinite(measured.perplexity)
 
 
