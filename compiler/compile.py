@@ -135,11 +135,8 @@ def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefi
         with phases("weights"):
             fixup = frontends.tensor_fixup(b.family, b.source, config)
             converted = frontends.convert_weights(b.source, source_params, fixup)
-            importance = dict(found.importance) if found else {}
-            if found:
-                converted = _scale_channels(b, converted, importance)
             weights = _write_weights(staging, b.scheme, converted, len(source_params),
-                                     {n: p for n, p in named_params}, importance,
+                                     {n: p for n, p in named_params}, found.importance if found else {},
                                      found.hessians if found else {}, verbose)
         with phases("tokenizer"):
             has_tokenizer = b.source.save_tokenizer(staging)
@@ -185,14 +182,6 @@ def _calibrate(b: _Build, scratch: Path, verbose: bool) -> calibration.Calibrati
                                context_window=calibration.SEQUENCE_TOKENS, prefill_chunk=None, verbose=False)
         capacity = len(calibration.OPENINGS) * (calibration.SEQUENCE_TOKENS + PAGE_SIZE)
         return calibration.calibrate(Model(path, device="cpu", max_total_tokens=capacity), verbose)
-
-
-def _scale_channels(b: _Build, converted, importance: dict):
-    """AWQ's exact channel scaling (``passes.awq``), where the family's layers allow it."""
-    model_class, config = b.family.model_class, b.config
-    plan = passes.awq.folds(model_class.layer_norms, model_class.attention_class.value_is_linear)
-    shape = passes.awq.Shape(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-    return passes.awq.scale_channels(converted, plan, shape, importance, b.scheme)
 
 
 def _write_weights(staging: Path, scheme, converted, count: int, expected: dict, importance: dict,

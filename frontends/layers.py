@@ -6,7 +6,7 @@ tensors are fused into one (see ``weights.FUSED_PROJECTIONS``).
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import Callable
 
 from tvm import te, tirx
 from tvm.relax.frontend import nn
@@ -108,10 +108,6 @@ class PagedAttention(nn.Module):
     ``head_dim``, Gemma 3) or ``"all_heads"`` (one norm over all heads together, OLMo 2).
     Families change the projected q/k/v further by overriding :meth:`transform_qkv`.
     """
-
-    # The output is linear in v (so ``passes.awq`` may fold a scale of o_proj's input into the
-    # v rows); a family whose transform_qkv is not linear says False.
-    value_is_linear: ClassVar[bool] = True
 
     def __init__(  # pylint: disable=too-many-arguments
         self,

@@ -42,8 +42,6 @@ class OlmoConfig(ModelConfig):
 class ClippedAttention(PagedAttention):
     """Attention whose projected q, k and v are clamped to ``[-clip_qkv, clip_qkv]``."""
 
-    value_is_linear = False  # clamping v does not commute with scaling it
-
     def __init__(self, config: OlmoConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         self.clip_qkv = config.clip_qkv

@@ -1,10 +1,9 @@
 """Passes between the exported module and the target build: quantization, the KV cache for the
 target, fusion and scheduling."""
 
-from . import awq
 from .errors import PassError
 from .kv_cache import dispatch_kv_cache
 from .pipeline import relax_pipeline
 from .quantization import SCHEMES, QuantizationScheme, get_scheme
 
-__all__ = ["SCHEMES", "awq", "PassError", "QuantizationScheme", "dispatch_kv_cache", "get_scheme", "relax_pipeline"]
+__all__ = ["SCHEMES", "PassError", "QuantizationScheme", "dispatch_kv_cache", "get_scheme", "relax_pipeline"]
