@@ -3,12 +3,12 @@
 
 A float32 build of the same model, for the CPU, writes its own calibration text: a few sequences
 sampled from plain openings. No dataset is needed, so none has to be shipped or licensed, and the
-text is in the model's own language and style. The build then reads the text back in one
-``verify`` pass per sequence (every position's logits, so the tied ``lm_head`` sees every
-position too), while the VM's instrument hook sums ``x_j²`` over the input of every kernel call
-that reads a weight, and the full ``x xᵀ`` over the input of the logits weight. ``passes.quantization``
-weighs each channel's squared error by the mean ``x_j²`` (the scale search then minimises the
-error of the layer's outputs rather than of its weights), and rounds the logits weight by GPTQ.
+text is in the model's own language and style. While it samples (every token of the text but the
+last goes through the model, so this is the text's forward pass too), the VM's instrument hook
+sums ``x_j²`` over the input of every kernel call that reads a weight, and the full ``x xᵀ`` over
+the input of the logits weight. ``passes.quantization`` weighs each channel's squared error by
+the mean ``x_j²`` (the scale search then minimises the error of the layer's outputs rather than
+of its weights), and rounds the logits weight by GPTQ.
 On SmolLM2-135M at q4f32_1 that takes perplexity from 29% above q0f32 (21.02) to 15% (18.79):
 the importance alone to 19.19, GPTQ on the tied embedding the rest.
 """
@@ -16,6 +16,7 @@ the importance alone to 19.19, GPTQ on the tied embedding the rest.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 
 import numpy as np
@@ -23,7 +24,6 @@ import tvm
 from tqdm import tqdm
 
 from relaxlm.runtime.engine import Model
-from relaxlm.runtime.perplexity import perplexity_of_ids
 from relaxlm.runtime.sampling import Sampler, SamplingParams
 
 # Each sequence starts from one of these and is sampled at temperature 1 (top-p 0.95).
@@ -34,55 +34,67 @@ SEQUENCE_TOKENS = 512
 @dataclasses.dataclass(frozen=True)
 class Calibration:
     """Mean ``x_j²`` of each weight's inputs, by parameter name; the full second moment
-    ``E[x xᵀ]`` of the logits weight's inputs (for GPTQ); and what they were measured on."""
+    ``E[x xᵀ]`` of the logits weight's inputs (for GPTQ); the text they were measured on, and
+    the model's perplexity on it."""
 
     importance: dict[str, np.ndarray]
     hessians: dict[str, np.ndarray]
-    tokens: int
+    sequences: list[list[int]]
     perplexity: float
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of calibration text."""
+        return sum(map(len, self.sequences))
 
     def summary(self) -> dict:
         """What the artifact's manifest records about it."""
         return {"method": "importance (mean x^2 per input channel); GPTQ for the logits weight; self-generated text",
-                "sequences": len(OPENINGS), "tokens": self.tokens, "perplexity": round(self.perplexity, 3)}
+                "sequences": len(self.sequences), "tokens": self.tokens, "perplexity": round(self.perplexity, 3)}
 
 
-def calibrate(model: Model, verbose: bool = False) -> Calibration:
-    """Sample calibration text from ``model`` (a float build) and measure each weight's importance."""
-    return measure_importance(model, sample_sequences(model, min(SEQUENCE_TOKENS, model.context_window), verbose))
-
-
-def measure_importance(model: Model, sequences: list[list[int]]) -> Calibration:
-    """Read each sequence back (the perplexity pass: every token but the last goes in) and
-    average ``x_j²`` of each weight's inputs over all of them."""
-    importance = ImportanceHook(model)
-    model.vm.set_instrument(importance)
+def calibrate(model: Model, length: int | None = None, *, verbose: bool = False) -> Calibration:
+    """Sample one sequence of ``length`` tokens (default :data:`SEQUENCE_TOKENS`, at most the
+    context window) per opening from ``model`` (a float build), in one batch, while measuring
+    each weight's inputs: the sampling feeds every token but the last of each sequence through
+    the model, which is exactly the text's forward pass, so no second pass is needed. Seeded:
+    the same model gives the same text."""
+    length = length or min(SEQUENCE_TOKENS, model.context_window)
+    hook = ImportanceHook(model)
+    model.vm.set_instrument(hook)
     try:
-        result = perplexity_of_ids(model, [t for s in sequences for t in s], window=len(sequences[0]))
+        sequences, nll = _sample(model, length, verbose)
     finally:
         model.vm.set_instrument(None)
-    return Calibration(importance.means(), importance.second_moments(), sum(map(len, sequences)), result.perplexity)
+    scored = sum(len(s) - 1 for s in sequences)
+    return Calibration(hook.means(), hook.second_moments(), sequences, math.exp(nll / scored))
 
 
-def sample_sequences(model: Model, length: int, verbose: bool = False) -> list[list[int]]:
-    """One sequence of ``length`` tokens per opening, sampled in one batch (seeded: the same
-    model gives the same text)."""
-    starts = [_first_token(model, opening) for opening in OPENINGS]
-    samplers = [Sampler(SamplingParams(temperature=1.0, top_p=0.95, seed=i)) for i in range(len(starts))]
-    tokens = [[t] for t in starts]
-    seqs = [model.new_sequence() for _ in starts]
+def _sample(model: Model, length: int, verbose: bool) -> tuple[list[list[int]], float]:
+    """The sequences, and the sum of ``-log p`` of each sampled token."""
+    samplers = [Sampler(SamplingParams(temperature=1.0, top_p=0.95, seed=i)) for i in range(len(OPENINGS))]
+    tokens = [[_first_token(model, opening)] for opening in OPENINGS]
+    seqs = [model.new_sequence() for _ in OPENINGS]
+    nll = 0.0
     try:
         logits = model.batch_prefill(seqs, tokens)
-        for _ in tqdm(range(length - 1), desc="calibration text", unit="token", disable=not verbose,
-                      file=sys.stderr):
+        for position in tqdm(range(1, length), desc="calibration text", unit="token", disable=not verbose,
+                             file=sys.stderr):
             step = [sample(row) for sample, row in zip(samplers, logits)]
+            nll += float(sum(_negative_log_likelihood(row, token) for row, token in zip(logits, step)))
             for sequence, token in zip(tokens, step):
                 sequence.append(token)
-            logits = model.batch_decode(seqs, step)
+            if position < length - 1:  # the last token is text, not input
+                logits = model.batch_decode(seqs, step)
     finally:
         for seq in seqs:
             seq.close()
-    return tokens
+    return tokens, nll
+
+
+def _negative_log_likelihood(logits: np.ndarray, token: int) -> float:
+    shifted = logits.astype(np.float64) - logits.max()
+    return float(np.log(np.exp(shifted).sum()) - shifted[token])
 
 
 def _first_token(model: Model, opening: str) -> int:

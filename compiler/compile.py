@@ -181,7 +181,7 @@ def _calibrate(b: _Build, scratch: Path, verbose: bool) -> calibration.Calibrati
         path = _write_artifact(float_build, Path(directory) / "float32", _Phases(False),
                                context_window=calibration.SEQUENCE_TOKENS, prefill_chunk=None, verbose=False)
         capacity = len(calibration.OPENINGS) * (calibration.SEQUENCE_TOKENS + PAGE_SIZE)
-        return calibration.calibrate(Model(path, device="cpu", max_total_tokens=capacity), verbose)
+        return calibration.calibrate(Model(path, device="cpu", max_total_tokens=capacity), verbose=verbose)
 
 
 def _write_weights(staging: Path, scheme, converted, count: int, expected: dict, importance: dict,

@@ -1,5 +1,6 @@
-"""Calibration: the importance each weight's inputs get from a compiled float32 model, against
-transformers' inputs to the same layers; and a calibrated 4-bit compile end to end."""
+"""Calibration: the statistics of each weight's inputs that a compiled float32 model gathers
+while it samples its calibration text, against transformers' inputs to the same layers on that
+text; and a calibrated 4-bit compile end to end."""
 
 import json
 
@@ -21,7 +22,7 @@ HF_INPUT_OF = {"self_attn.q_proj": "self_attn.qkv_proj", "self_attn.o_proj": "se
 
 
 def reference_inputs(hf_model: torch.nn.Module, sequences: list[list[int]], tied: bool) -> dict[str, torch.Tensor]:
-    """Each layer's inputs (rows) in transformers, fed what the perplexity pass feeds (all
+    """Each layer's inputs (rows) in transformers, fed what the sampling fed the model (all
     tokens of each sequence but its last), by the compiled module's parameter name."""
     layers = {f"model.layers.{i}.{hf}": f"model.layers.{i}.{ours}.weight"
               for i in range(hf_model.config.num_hidden_layers) for hf, ours in HF_INPUT_OF.items()}
@@ -43,11 +44,11 @@ def reference_inputs(hf_model: torch.nn.Module, sequences: list[list[int]], tied
 def test_importance_equals_transformers_layer_inputs(tiny_models, spec):
     tiny = tiny_models(LLAMA_SPECS[spec])
     model = load(tiny.artifact, max_total_tokens=len(calibration.OPENINGS) * (LENGTH + 16))
-    sequences = calibration.sample_sequences(model, LENGTH)
+    measured = calibration.calibrate(model, LENGTH)
+    sequences = measured.sequences
     assert [len(s) for s in sequences] == [LENGTH] * len(calibration.OPENINGS)
-    assert sequences == calibration.sample_sequences(model, LENGTH), "seeded sampling repeats itself"
+    assert sequences == calibration.calibrate(model, LENGTH).sequences, "seeded sampling repeats itself"
     assert len({tuple(s) for s in sequences}) == len(sequences)
-    measured = calibration.measure_importance(model, sequences)
     tied = tiny.reference.config.tie_word_embeddings
     inputs = reference_inputs(tiny.reference, sequences, tied)
     # Every weight a matmul reads, and only those (the embedding lookup adds nothing).
@@ -59,7 +60,13 @@ def test_importance_equals_transformers_layer_inputs(tiny_models, spec):
     assert list(measured.hessians) == [logits_weight]
     x = inputs[logits_weight]
     assert relative_error(measured.hessians[logits_weight], (x.T @ x / len(x)).numpy()) < 1e-4
-    assert measured.tokens == len(sequences) * LENGTH and np.isfinite(measured.perplexity)
+    assert measured.tokens == len(sequences) * LENGTH
+    # The model's perplexity on its own text, from the sampling logits, is transformers' on it.
+    with torch.no_grad():
+        nll = sum(torch.nn.functional.cross_entropy(tiny.reference(torch.tensor([s])).logits[0, :-1],
+                                                    torch.tensor(s[1:]), reduction="sum").item() for s in sequences)
+    expected = float(np.exp(nll / sum(len(s) - 1 for s in sequences)))
+    assert abs(measured.perplexity - expected) / expected < 1e-4
 
 
 def test_calibrated_q4_compile_records_it_and_stays_close_to_float32(tiny_models, tmp_path):
