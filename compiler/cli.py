@@ -60,7 +60,7 @@ def main():
 @click.option("--debug-dump", type=click.Path(), default=None, help="Write the IR after each pass phase here.")
 @click.option("--calibrate/--no-calibrate", default=None,
               help="Weigh 4-bit quantization by activation statistics of a float32 build on self-generated "
-                   "text (default: on at 4 bits; adds a float32 build and a few minutes).")
+                   "text (default: on at 4 bits up to 1B parameters; adds a float32 build and a few minutes).")
 @reports_errors
 def compile(model, target, quantization, output, context_window, prefill_chunk, debug_dump, calibrate):  # noqa: A001
     """Compile MODEL: a Hugging Face directory, a .gguf file or a bundled alias (smollm2-135m, gemma3-270m)."""

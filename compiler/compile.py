@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -28,6 +29,9 @@ from . import calibration
 PAGE_SIZE = 16
 MAX_PREFILL_CHUNK = 1024
 SHARD_BYTES = 1 << 29
+# Calibration runs a float32 build on the CPU (sampling 512 tokens); past this size it would take
+# long, and the memory of the machine, so it is on by default only below it.
+CALIBRATION_DEFAULT_MAX_BYTES = 4 << 30
 
 
 class CompileError(Exception):
@@ -67,8 +71,9 @@ def compile_model(model: str | os.PathLike, target: str = "llvm", quantization: 
     """Compile ``model`` (a HF directory, a ``.gguf`` file or a bundled alias) for ``target``
     with ``quantization`` (default: the target's) and return the artifact directory.
 
-    ``calibrate`` (default: the scheme's, on at 4 bits) measures activation statistics on a
-    float32 build first and weighs the quantization by them (``compiler.calibration``)."""
+    ``calibrate`` measures activation statistics on a float32 build first and weighs the
+    quantization by them (``compiler.calibration``). By default it is on for 4-bit schemes and
+    models whose float32 weights take at most :data:`CALIBRATION_DEFAULT_MAX_BYTES`."""
     for option, value in (("context_window", context_window), ("prefill_chunk", prefill_chunk)):
         if value is not None and value <= 0:
             raise CompileError(f"{option} must be a positive number of tokens, not {value}")
@@ -88,7 +93,7 @@ def compile_model(model: str | os.PathLike, target: str = "llvm", quantization: 
         phases.record("read", time.perf_counter() - start)
         build = _Build(source, architecture, family, config, resolved, scheme,
                        Path(debug_dump) if debug_dump else None,
-                       scheme.calibrates if calibrate is None else calibrate and scheme.calibrates)
+                       calibrate)
         return _write_artifact(build, out, phases, context_window, prefill_chunk, verbose)
     finally:
         source.close()
@@ -105,7 +110,8 @@ class _Build:
     resolved: targets.ResolvedTarget
     scheme: passes.QuantizationScheme
     debug_dump: Path | None
-    calibrate: bool = False
+    # None: decide by the scheme and the model's size (see _should_calibrate).
+    calibrate: bool | None = False
 
 
 def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefill_chunk, verbose) -> Path:
@@ -129,7 +135,7 @@ def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefi
             executable = tvm.compile(mod, b.resolved.target, relax_pipeline=pipeline)
             library = recipe.export_library(executable, staging)
         found = None
-        if b.calibrate:
+        if _should_calibrate(b, source_params, verbose):
             with phases("calibrate"):
                 found = _calibrate(b, out.parent, verbose)
         with phases("weights"):
@@ -171,6 +177,22 @@ def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefi
         total = sum(phases.seconds.values())
         print(f"relaxlm: wrote {out} in {total:.1f} s", file=sys.stderr)
     return out
+
+
+def _should_calibrate(b: _Build, source_params, verbose: bool) -> bool:
+    """Whether this compile calibrates: as asked, or by default where the scheme gains from it
+    and the float32 build stays small enough to run on this CPU in minutes."""
+    if not b.scheme.calibrates:
+        return False
+    if b.calibrate is not None:
+        return b.calibrate
+    float32_bytes = 4 * sum(math.prod(shape) for _, shape, _ in source_params)
+    if float32_bytes > CALIBRATION_DEFAULT_MAX_BYTES:
+        if verbose:
+            print(f"relaxlm: not calibrating: the float32 build would take {float32_bytes / 2**30:.1f} GiB "
+                  "(pass --calibrate to calibrate anyway)", file=sys.stderr)
+        return False
+    return True
 
 
 def _calibrate(b: _Build, scratch: Path, verbose: bool) -> calibration.Calibration:

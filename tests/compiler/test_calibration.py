@@ -3,6 +3,7 @@ while it samples its calibration text, against transformers' inputs to the same 
 text; and a calibrated 4-bit compile end to end."""
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import torch
 from conftest import relative_error
 from llama_specs import LLAMA_SPECS
 from relaxlm.compiler import calibration, compile_model
+from relaxlm.compiler import compile as compile_module
+from relaxlm.passes import get_scheme
 from relaxlm.runtime import load
 from relaxlm.runtime.artifact import CONFIG_FILE
 
@@ -85,3 +88,17 @@ def test_calibrated_q4_compile_records_it_and_stays_close_to_float32(tiny_models
             actual = seq.verify(ids)
         # The bound of tests/passes/test_quantized_llama.py (random weights: see there).
         assert relative_error(actual, expected) < 0.25
+
+
+@pytest.mark.parametrize("asked, scheme, float32_bytes, expected", [
+    (None, "q4f32_1", 1 << 20, True),  # the default at 4 bits
+    (None, "q4f16_1", 8 << 30, False),  # too big for a float32 build by default …
+    (True, "q4f16_1", 8 << 30, True),  # … unless asked for
+    (False, "q4f32_1", 1 << 20, False),
+    (None, "q8f32_1", 1 << 20, False),  # 8 bits gain little
+    (True, "q0f32", 1 << 20, False),  # nothing to quantize
+])
+def test_when_a_compile_calibrates(asked, scheme, float32_bytes, expected):
+    build = types.SimpleNamespace(scheme=get_scheme(scheme), calibrate=asked)
+    params = [("w", (float32_bytes // 4,), "float32")]
+    assert compile_module._should_calibrate(build, params, verbose=False) == expected
