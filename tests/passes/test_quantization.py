@@ -10,7 +10,7 @@ import pytest
 
 from relaxlm.passes import get_scheme
 from relaxlm.passes.errors import PassError
-from relaxlm.passes.quantization import GROUP_SIZE
+from relaxlm.passes.quantization import FINE_GROUP_SIZE, GROUP_SIZE
 
 GROUP_SCHEMES = ["q4f32_1", "q4f16_1", "q8f32_1", "q8f16_1"]
 
@@ -23,38 +23,39 @@ def random_weights(rows: int, k: int, seed: int = 0) -> np.ndarray:
     return w
 
 
-def absmax_round_trip(w: np.ndarray, zero_point: int) -> np.ndarray:
+def absmax_round_trip(w: np.ndarray, zero_point: int, group_size: int) -> np.ndarray:
     """MLC's rule, written out here as the bound: scale max|w| / z stored as the float16 at or
     above it, codes rounded to nearest."""
-    groups = w.reshape(len(w), -1, GROUP_SIZE).astype(np.float64)
+    groups = w.reshape(len(w), -1, group_size).astype(np.float64)
     exact = np.abs(groups).max(-1, keepdims=True) / zero_point
     scale = exact.astype(np.float16)
     scale = np.where(scale < exact, np.nextafter(scale, np.float16(np.inf)), scale).astype(np.float64)
     return (np.rint(groups / np.where(scale == 0, 1, scale)) * scale).reshape(w.shape)
 
 
-def group_squared_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.square(a.astype(np.float64) - b).reshape(len(a), -1, GROUP_SIZE).sum(-1)
+def group_squared_error(a: np.ndarray, b: np.ndarray, group_size: int) -> np.ndarray:
+    return np.square(a.astype(np.float64) - b).reshape(len(a), -1, group_size).sum(-1)
 
 
+@pytest.mark.parametrize("group_size", [GROUP_SIZE, FINE_GROUP_SIZE])
 @pytest.mark.parametrize("name", GROUP_SCHEMES)
-def test_round_trip_is_never_worse_than_absmax(name):
+def test_round_trip_is_never_worse_than_absmax(name, group_size):
     """Each group's squared error is at most that of MLC's absmax rule (whose every element is
     within half its scale, max|w| / z); and every weight inside the
     levels' range is within half of its group's stored scale."""
     scheme = get_scheme(name)
     w = random_weights(48, 256)
-    packed, scale = scheme.quantize(w)
+    packed, scale = scheme.quantize(w, group_size=group_size)
     assert packed.dtype == np.uint32 and packed.shape == (48, 256 * scheme.bits // 32)
-    assert scale.dtype == np.float16 and scale.shape == (48, 256 // GROUP_SIZE)
+    assert scale.dtype == np.float16 and scale.shape == (48, 256 // group_size)
     restored = scheme.dequantize(packed, scale)
-    ours = group_squared_error(restored, w)
-    absmax = group_squared_error(absmax_round_trip(w, scheme.zero_point), w)
+    ours = group_squared_error(restored, w, group_size)
+    absmax = group_squared_error(absmax_round_trip(w, scheme.zero_point, group_size), w, group_size)
     # Slack for float32 arithmetic only.
     assert np.all(ours <= absmax * (1 + 1e-5) + 1e-30), float(np.max(ours / absmax))
     assert np.mean(ours) < 0.95 * np.mean(absmax), "the search found nothing better than absmax"
-    step = np.repeat(np.abs(scale.astype(np.float32)), GROUP_SIZE, axis=1)
-    levels = w / np.where(step == 0, 1, np.repeat(scale.astype(np.float32), GROUP_SIZE, axis=1))
+    step = np.repeat(np.abs(scale.astype(np.float32)), group_size, axis=1)
+    levels = w / np.where(step == 0, 1, np.repeat(scale.astype(np.float32), group_size, axis=1))
     inside = (levels >= -scheme.zero_point - 0.5) & (levels <= scheme.zero_point + 1.5)
     assert np.all(np.abs(restored - w)[inside] <= step[inside] / 2 * (1 + 1e-6))
 
@@ -96,6 +97,25 @@ def test_convert_stores_packed_weights_and_keeps_the_rest(name):
     # An input dimension that is not a multiple of the group size stays unquantized.
     odd = scheme.convert("lm_head.weight", random_weights(8, 48))
     assert list(odd) == ["lm_head.weight"]
+
+
+@pytest.mark.parametrize("name, fine", [("q4f32_1", True), ("q4f16_1", True), ("q8f32_1", False)])
+def test_4_bit_schemes_store_attention_and_down_proj_in_groups_of_16(name, fine):
+    """The projections whose rounding costs most at 4 bits get a scale per 16 weights; the
+    gate/up projection and the embedding keep groups of 32 (passes.quantization explains why)."""
+    scheme = get_scheme(name)
+    w = random_weights(8, 64)
+    for layer, group in [("self_attn.qkv_proj", FINE_GROUP_SIZE if fine else GROUP_SIZE),
+                         ("self_attn.o_proj", FINE_GROUP_SIZE if fine else GROUP_SIZE),
+                         ("mlp.down_proj", FINE_GROUP_SIZE if fine else GROUP_SIZE),
+                         ("mlp.gate_up_proj", GROUP_SIZE), ("embed_tokens", GROUP_SIZE)]:
+        prefix = f"model.layers.3.{layer}." if layer != "embed_tokens" else "model.embed_tokens."
+        assert scheme.group_size(prefix + "weight") == group
+        stored = scheme.convert(prefix + "weight", w)
+        assert stored[prefix + "q_scale"].shape == (8, 64 // group), layer
+        # dequantize reads the group size off the shapes.
+        restored = scheme.dequantize(stored[prefix + "q_weight"], stored[prefix + "q_scale"])
+        np.testing.assert_array_equal(restored, scheme.dequantize(*scheme.quantize(w, group_size=group)))
 
 
 def weighted_error(scheme, w: np.ndarray, importance: np.ndarray, *quantized) -> float:

@@ -23,6 +23,7 @@ from family_checks import CONTINUATION, PROMPT, TOLERANCE
 from llama_specs import BASE
 from relaxlm import frontends, passes
 from relaxlm.compiler import compile_model
+from relaxlm.frontends.weights import FUSED_PROJECTIONS
 from relaxlm.passes.pipeline import fusion_passes
 from relaxlm.runtime import load
 from relaxlm.targets import resolve
@@ -58,15 +59,24 @@ def compiled(request, hf_model):
     return request.param, load(artifact)
 
 
+def parameter_name(hf_name: str) -> str:
+    """The compiled module's parameter an HF tensor is part of (``q_proj`` → ``qkv_proj``): its
+    group size is the scheme's for that parameter."""
+    for fused, parts in FUSED_PROJECTIONS.items():
+        for part in parts:
+            hf_name = hf_name.replace(f".{part}.", f".{fused}.")
+    return hf_name
+
+
 def dequantized_copy(model: torch.nn.Module, scheme) -> torch.nn.Module:
     """``model`` with each weight the scheme quantizes replaced by its dequantized value."""
     copy = LlamaForCausalLM(model.config).eval()
     copy.load_state_dict(model.state_dict())
     with torch.no_grad():
         for name, param in copy.named_parameters():
-            w = param.numpy()
+            w, group_size = param.numpy(), scheme.group_size(parameter_name(name))
             if scheme.quantizes(name, w.shape):
-                param.copy_(torch.from_numpy(scheme.dequantize(*scheme.quantize(w))))
+                param.copy_(torch.from_numpy(scheme.dequantize(*scheme.quantize(w, group_size=group_size))))
     return copy
 
 

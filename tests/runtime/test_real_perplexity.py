@@ -38,19 +38,12 @@ def q4f32_1_perplexity(smollm2_artifacts):
     return perplexity(load(smollm2_artifacts("q4f32_1")), TEXT)
 
 
-def test_calibrated_q4f32_1_perplexity_is_within_20_percent_of_q0f32(q4f32_1_perplexity, q0f32_perplexity):
-    """A guard on the calibration: measured 18.79 against 16.30 (+15.3%); uncalibrated, the same
-    scheme gives 21.02 (+29%), so losing the calibration fails this."""
-    assert q4f32_1_perplexity.perplexity < 1.20 * q0f32_perplexity.perplexity, (
-        q4f32_1_perplexity.perplexity, q0f32_perplexity.perplexity)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 4 is open on this: measured 18.79 at q4f32_1 (calibrated) against 16.30 at q0f32 (+15.3%; "
-    "+29% uncalibrated, +46% with plain absmax scales). The bundled weights are already on llama.cpp's "
-    "asymmetric Q4_1 grid (a per-group offset), which a symmetric grid cannot hold: requantizing adds a "
-    "second rounding error as large as the first. Experiments reached +11.3% (torch) and +12.5% "
-    "(relaxlm) with AWQ channel scaling on top, not 10%."))
 def test_q4f32_1_perplexity_is_within_10_percent_of_q0f32(q4f32_1_perplexity, q0f32_perplexity):
+    """Measured 17.63 against 16.30 (+8.2%). The bundled weights are already on llama.cpp's
+    asymmetric Q4_1 grid (a per-group offset), which a symmetric grid cannot hold, so requantizing
+    adds a second rounding error: +46% with plain absmax scales, +29% with the scale search, +15%
+    with calibration, and +8.2% with groups of 16 for the attention and down projections and a
+    finer grid of scale candidates (passes.quantization). Groups of 16 with the coarser grid
+    measured +10.2% (in transformers, with the same weights)."""
     assert abs(q4f32_1_perplexity.perplexity - q0f32_perplexity.perplexity) / q0f32_perplexity.perplexity < 0.10, (
         q4f32_1_perplexity.perplexity, q0f32_perplexity.perplexity)

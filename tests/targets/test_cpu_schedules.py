@@ -72,18 +72,19 @@ def test_other_kernels_are_left_alone(target):
         assert NTMatmul().apply(func, target, False) is None
 
 
-def dequantize_nt_matmul(rows, out_features: int, in_features: int, residual: bool = True, bits: int = 4) -> tirx.PrimFunc:
+def dequantize_nt_matmul(rows, out_features: int, in_features: int, residual: bool = True, bits: int = 4,
+                         group: int = 32) -> tirx.PrimFunc:
     """The kernel FuseTIR makes of a group scheme's ``dequantize`` and the NT matmul that reads it,
-    plus a residual add: ``[1, rows, in] x deq(packed [out, in / per_word], scales [out, in / 32])^T + r``."""
+    plus a residual add: ``[1, rows, in] x deq(packed [out, in / per_word], scales [out, in / group])^T + r``."""
     per_word, zero = 32 // bits, (1 << (bits - 1)) - 1
     x = te.placeholder((1, rows, in_features), name="x")
     packed = te.placeholder((out_features, in_features // per_word), "uint32", name="packed")
-    scale = te.placeholder((out_features, in_features // 32), "float16", name="scale")
+    scale = te.placeholder((out_features, in_features // group), "float16", name="scale")
     r = te.placeholder((1, rows, out_features), name="r")
     w = te.compute((out_features, in_features), lambda i, j: (
         ((packed[i, j // per_word] >> (j % per_word * bits).astype("uint32"))
          & tirx.const((1 << bits) - 1, "uint32")).astype("int32")
-        .astype("float32") - float(zero)) * scale[i, j // 32].astype("float32"), name="dequantize")
+        .astype("float32") - float(zero)) * scale[i, j // group].astype("float32"), name="dequantize")
     k = te.reduce_axis((0, in_features), name="k")
     y = te.compute((1, rows, out_features), lambda b, i, j: te.sum(x[b, i, k] * w[j, k], axis=k), name="NT_matmul")
     if not residual:
@@ -92,8 +93,10 @@ def dequantize_nt_matmul(rows, out_features: int, in_features: int, residual: bo
     return te.create_prim_func([packed, scale, x, r, out])
 
 
-def quantized_args(rng, rows: int, out_features: int, in_features: int, residual: bool = True, bits: int = 4):
-    packed, scale = get_scheme(f"q{bits}f32_1").quantize(rng.standard_normal((out_features, in_features), dtype="float32"))
+def quantized_args(rng, rows: int, out_features: int, in_features: int, residual: bool = True, bits: int = 4,
+                   group: int = 32):
+    packed, scale = get_scheme(f"q{bits}f32_1").quantize(
+        rng.standard_normal((out_features, in_features), dtype="float32"), group_size=group)
     args = [packed, scale, rng.standard_normal((1, rows, in_features), dtype="float32")]
     return args + [rng.standard_normal((1, rows, out_features), dtype="float32")] * residual
 
@@ -115,13 +118,13 @@ def test_fused_dequantize_matmul_matches_unscheduled(target, rows):
 
 
 @pytest.mark.parametrize("rows", [1, 7])
-@pytest.mark.parametrize("residual", [False, True])
-def test_group_matmul_replaces_the_4_bit_kernels(target, rows, residual):
-    """4-bit projections become ``group_gemv_cpu`` (one row: decode) or ``group_gemm_cpu``
-    (symbolic rows: prefill; 7 rows = a register tile of 6 and a leftover row), with the
-    replaced kernel's parameters in their order, and compute what the plain kernel does."""
+@pytest.mark.parametrize("residual, group", [(False, 32), (True, 32), (True, 16)])
+def test_group_matmul_replaces_the_4_bit_kernels(target, rows, residual, group):
+    """4-bit projections (groups of 32, or 16) become ``group_gemv_cpu`` (one row: decode) or
+    ``group_gemm_cpu`` (symbolic rows: prefill; 7 rows = a register tile of 6 and a leftover row),
+    with the replaced kernel's parameters in their order, and compute what the plain kernel does."""
     rng = np.random.default_rng(1)
-    func = dequantize_nt_matmul(1 if rows == 1 else tirx.Var("seq_len", "int64"), 64, 128, residual)
+    func = dequantize_nt_matmul(1 if rows == 1 else tirx.Var("seq_len", "int64"), 64, 128, residual, group=group)
     sch = GroupMatmul().apply(func, target, False)
     assert sch is not None
     replacement = sch.mod["main"]
@@ -129,7 +132,7 @@ def test_group_matmul_replaces_the_4_bit_kernels(target, rows, residual):
         (tuple(p.shape), str(p.dtype)) for p in func.params]
     kernel = "gemv" if rows == 1 else "gemm"
     assert f'T.sblock("{kernel}")' in replacement.script() and "dequantize" not in replacement.script()
-    args = quantized_args(rng, rows, 64, 128, residual)
+    args = quantized_args(rng, rows, 64, 128, residual, group=group)
     expected = run(func, target, args, (1, rows, 64))
     np.testing.assert_allclose(run(replacement, target, args, (1, rows, 64)), expected, rtol=1e-5, atol=1e-5)
 
