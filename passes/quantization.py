@@ -28,7 +28,8 @@ everywhere would weigh 0.613 bytes per parameter, over the 0.6 that 4-bit models
 the layer sets that fit, the attention and down projections did best (the gate/up projection is
 half the linear weights, and the tied embedding gained nothing from it).
 Scales are stored as float16 even when the model computes in float32: it keeps 4-bit weights at
-0.5625 bytes per parameter (float32 scales would make it 0.625).
+0.5625 bytes per parameter in groups of 32, 0.625 in groups of 16 (float32 scales would make them
+0.625 and 0.75).
 
 Every ``nn.Linear`` whose input dimension is a multiple of the group size, and the token
 embedding (which also serves the tied logits), are quantized; anything else stays in the model
