@@ -14,7 +14,7 @@ from . import gemma3, llama, olmo
 from .causal_lm import ENTRY_POINTS, CausalLM, KVCacheSpec, export_spec
 from .config import ModelConfig
 from .errors import FrontendError
-from .sources import BUNDLED, ModelSource, TextModelSource, open_source as _open_source
+from .sources import BUNDLED, ModelSource, TextModelSource, locate, open_source as _open_source
 from .weights import convert_weights
 
 
@@ -108,6 +108,7 @@ __all__ = [
     "convert_weights",
     "export_spec",
     "family_for",
+    "locate",
     "open_source",
     "supported_architectures",
     "tensor_fixup",

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from . import gguf_metadata
 from .errors import FrontendError
 
 
@@ -126,23 +127,22 @@ class HFDirectorySource(ModelSource):
 
 class GGUFSource(ModelSource):
     """A llama.cpp GGUF file. Tensors are dequantized with the ``gguf`` package; config and
-    tokenizer are rebuilt from its metadata by transformers, the reference itself."""
+    tokenizer are rebuilt from its metadata with transformers' own tables (see gguf_metadata)."""
 
     def __init__(self, path: Path, family_by_gguf_arch: dict[str, Any]):
         import gguf
 
         self.path = path
         self.name = path.stem
-        try:
-            self._reader = gguf.GGUFReader(str(path))
-        except (ValueError, OSError, IndexError) as err:
-            raise FrontendError(f"cannot read GGUF file {path}: {err}") from None
+        self._reader = gguf_metadata.open_reader(path)
         arch = self._metadata_str("general.architecture")
         if arch not in family_by_gguf_arch:
             supported = ", ".join(sorted(family_by_gguf_arch))
             raise FrontendError(f"GGUF architecture '{arch}' is not supported (supported: {supported})")
         self.architecture = family_by_gguf_arch[arch]
-        self.config = self._hf_config()
+        with _quiet_transformers():
+            # transformers records the file's directory as the config's _name_or_path.
+            self.config = gguf_metadata.hf_config(self._reader, str(path.parent))
         self.config["architectures"] = [self.architecture]
         arch_enum = {name: enum for enum, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
         self._name_map = gguf.get_tensor_name_map(arch_enum, self.config["num_hidden_layers"])
@@ -153,20 +153,6 @@ class GGUFSource(ModelSource):
         if field is None:
             raise FrontendError(f"GGUF file {self.path} has no '{key}' metadata")
         return field.contents()
-
-    def _transformers_gguf(self):
-        if importlib.util.find_spec("torch") is None:
-            raise FrontendError(
-                "reading a GGUF file needs PyTorch for transformers' GGUF reader: pip install 'relaxlm[gguf]'"
-            )
-        return self.path.parent, self.path.name
-
-    def _hf_config(self) -> dict[str, Any]:
-        from transformers import AutoConfig
-
-        directory, file = self._transformers_gguf()
-        with _quiet_transformers():
-            return AutoConfig.from_pretrained(directory, gguf_file=file).to_dict()
 
     def _gguf_name(self, hf_name: str) -> str | None:
         base, _, suffix = hf_name.rpartition(".")
@@ -186,11 +172,8 @@ class GGUFSource(ModelSource):
         return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
 
     def save_tokenizer(self, dest: Path) -> bool:
-        from transformers import AutoTokenizer
-
-        directory, file = self._transformers_gguf()
         with _quiet_transformers():
-            AutoTokenizer.from_pretrained(directory, gguf_file=file).save_pretrained(dest)
+            gguf_metadata.build_tokenizer(self._reader).save_pretrained(dest)
         return True
 
     def close(self) -> None:
@@ -242,6 +225,9 @@ class TextModelSource(ModelSource):
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """transformers prints progress bars and notes while it converts GGUF metadata."""
+    # Without torch, importing transformers announces that its models are unavailable; relaxlm
+    # uses only its configs and tokenizers.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers.utils import logging
 
     level = logging.get_verbosity()
@@ -272,17 +258,23 @@ def resolve_bundled(alias: str) -> Path:
     return path
 
 
-def open_source(model: str | os.PathLike, family_by_gguf_arch: dict[str, Any]) -> ModelSource:
-    """Open a HF directory, a ``.gguf`` file or a bundled alias."""
+def locate(model: str | os.PathLike) -> Path:
+    """The file or directory ``model`` names: a path that exists, or a bundled alias's GGUF file."""
     text = str(model)
     if text in BUNDLED:
-        return GGUFSource(resolve_bundled(text), family_by_gguf_arch)
+        return resolve_bundled(text)
     path = Path(text).expanduser()
     if not path.exists():
         aliases = ", ".join(BUNDLED)
         raise FrontendError(f"{text}: no such file or directory (nor a bundled model: {aliases})")
+    return path
+
+
+def open_source(model: str | os.PathLike, family_by_gguf_arch: dict[str, Any]) -> ModelSource:
+    """Open a HF directory, a ``.gguf`` file or a bundled alias."""
+    path = locate(model)
     if path.is_dir():
         return HFDirectorySource(path)
     if path.suffix.lower() == ".gguf":
         return GGUFSource(path, family_by_gguf_arch)
-    raise FrontendError(f"{text}: expected a Hugging Face model directory or a .gguf file")
+    raise FrontendError(f"{model}: expected a Hugging Face model directory or a .gguf file")
