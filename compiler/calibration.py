@@ -23,7 +23,7 @@ import numpy as np
 import tvm
 from tqdm import tqdm
 
-from relaxlm.runtime.engine import Model
+from relaxlm.runtime.model import Model
 from relaxlm.runtime.sampling import Sampler, SamplingParams
 
 # Each sequence starts from one of these and is sampled at temperature 1 (top-p 0.95).
@@ -100,7 +100,7 @@ def _negative_log_likelihood(logits: np.ndarray, token: int) -> float:
 def _first_token(model: Model, opening: str) -> int:
     """The opening's last token (after the tokenizer's own prefix, if any); a model without a
     tokenizer starts from token 1."""
-    if not model.config["tokenizer"]["present"]:
+    if not model.manifest.tokenizer.present:
         return 1
     return int(model.tokenizer(opening)["input_ids"][-1])
 
@@ -116,9 +116,9 @@ class ImportanceHook:
     """
 
     def __init__(self, model: Model):
-        self.weights = {p.data_ptr(): name for name, p in zip(model.config["params"], model.params)
+        self.weights = {p.data_ptr(): name for name, p in zip(model.manifest.params, model.params)
                         if len(p.shape) == 2}
-        self.logits_weights = {name for name, p in zip(model.config["params"], model.params)
+        self.logits_weights = {name for name, p in zip(model.manifest.params, model.params)
                                if len(p.shape) == 2 and int(p.shape[0]) == model.vocab_size}
         self.sums: dict[str, np.ndarray] = {}
         self.products: dict[str, np.ndarray] = {}

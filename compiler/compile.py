@@ -1,5 +1,6 @@
-"""``compile_model``: read a model, export it, run the passes, build for the target, and write
-the artifact (complete or absent: built in a temporary directory, renamed into place)."""
+"""``compile_model``: a compile in its steps — read, export, build, calibrate, convert weights,
+write — each a function below. Everything is written into a staging directory that becomes the
+artifact only when complete (:mod:`.output`)."""
 
 from __future__ import annotations
 
@@ -9,22 +10,23 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import tvm
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from relaxlm import frontends, passes, targets
-from relaxlm.runtime.artifact import CONFIG_FILE, FORMAT_VERSION, sha256_of
-from relaxlm.runtime.engine import Model
+from relaxlm.runtime.artifact import CONFIG_FILE, Manifest, TokenizerInfo, sha256_of
+from relaxlm.runtime.model import Model
 
 from . import calibration
+from .errors import CompileError
+from .output import check_replaceable, publish, staging_directory
 
 PAGE_SIZE = 16
 MAX_PREFILL_CHUNK = 1024
@@ -32,30 +34,67 @@ SHARD_BYTES = 1 << 29
 # Calibration runs a float32 build on the CPU (sampling 512 tokens); past this size it would take
 # long, and the memory of the machine, so it is on by default only below it.
 CALIBRATION_DEFAULT_MAX_BYTES = 4 << 30
+# What TVM prints on stderr while it builds that says nothing to a relaxlm user: the embedding
+# lookup's "fast" gather is given only ids the runtime has checked to be in range.
+TVM_NOISE = ("Fast mode segfaults when there are out-of-bounds indices",)
+# The sampling settings of a generation_config.json that the runtime uses.
+GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 
 
-class CompileError(Exception):
-    """A compile request that cannot be carried out; the message says what to do."""
-
-
-class _Phases:
-    """Times each phase and reports it on stderr."""
+class _Report:
+    """Says on stderr what the compile does and how long each phase took (when ``verbose``);
+    progress bars only when stderr is a terminal."""
 
     def __init__(self, verbose: bool):
         self.verbose = verbose
+        self.bars = verbose and sys.stderr.isatty()
         self.seconds: dict[str, float] = {}
+
+    def say(self, line: str) -> None:
+        """One line of what is happening."""
+        if self.verbose:
+            print(f"relaxlm: {line}", file=sys.stderr, flush=True)
 
     def record(self, name: str, seconds: float) -> None:
         """Note that phase ``name`` took ``seconds``."""
         self.seconds[name] = seconds
         if self.verbose:
-            print(f"  {name:<9} {seconds:6.1f} s", file=sys.stderr)
+            print(f"  {name:<9} {seconds:6.1f} s", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block as phase ``name``."""
         start = time.perf_counter()
         yield
         self.record(name, time.perf_counter() - start)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """What one compile works from."""
+
+    source: frontends.ModelSource
+    origin: Path
+    architecture: str
+    family: frontends.Family
+    config: frontends.ModelConfig
+    resolved: targets.ResolvedTarget
+    scheme: passes.QuantizationScheme
+    context_window: int
+    prefill_chunk: int
+    debug_dump: Path | None = None
+    # None: decide by the scheme and the model's size (see _should_calibrate).
+    calibrate: bool | None = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exported:
+    """The exported module, its parameters, and the unquantized parameters the weights are
+    converted for (named as HF's tensors; the scheme turns each into what the module stores)."""
+
+    mod: tvm.IRModule
+    named_params: list[tuple[str, Any]]
+    source_params: list[tuple[str, tuple[int, ...], str]]
 
 
 def default_output(source_name: str, quantization: str, target_name: str) -> Path:
@@ -64,13 +103,15 @@ def default_output(source_name: str, quantization: str, target_name: str) -> Pat
     return Path("dist") / safe
 
 
-def compile_model(model: str | os.PathLike, target: str = "llvm", quantization: str | None = None,
+def compile_model(model: str | os.PathLike, target: str = "auto", quantization: str | None = None,
                   output: str | os.PathLike | None = None, *, context_window: int | None = None,
                   prefill_chunk: int | None = None, debug_dump: str | os.PathLike | None = None,
-                  calibrate: bool | None = None, verbose: bool = False) -> Path:
+                  calibrate: bool | None = None, force: bool = False, verbose: bool = False) -> Path:
     """Compile ``model`` (a HF directory, a ``.gguf`` file or a bundled alias) for ``target``
     with ``quantization`` (default: the target's) and return the artifact directory.
 
+    An existing ``output`` is replaced only when it is an artifact relaxlm wrote; ``force`` also
+    lets it be an empty directory or an older artifact (:func:`.output.check_replaceable`).
     ``calibrate`` measures activation statistics on a float32 build first and weighs the
     quantization by them (``compiler.calibration``). By default it is on for 4-bit schemes and
     models whose float32 weights take at most :data:`CALIBRATION_DEFAULT_MAX_BYTES`."""
@@ -79,146 +120,127 @@ def compile_model(model: str | os.PathLike, target: str = "llvm", quantization: 
             raise CompileError(f"{option} must be a positive number of tokens, not {value}")
     resolved = targets.resolve(target)
     scheme = passes.get_scheme(quantization or resolved.recipe.default_quantization)
-    phases = _Phases(verbose)
-    start = time.perf_counter()
-    source = frontends.open_source(model)
-    try:
-        # Everything that can reject the input runs before the first line of progress.
-        architecture, family = frontends.family_for(source.config)
-        config = family.config_class.from_hf(source.config)
-        name = str(model) if str(model) in frontends.BUNDLED else source.name
-        out = Path(output) if output else default_output(name, scheme.name, resolved.name)
-        if verbose:
-            print(f"relaxlm: compiling {model} ({architecture}) for {resolved.name} at {scheme.name}", file=sys.stderr)
-        phases.record("read", time.perf_counter() - start)
-        build = _Build(source, architecture, family, config, resolved, scheme,
-                       Path(debug_dump) if debug_dump else None,
-                       calibrate)
-        return _write_artifact(build, out, phases, context_window, prefill_chunk, verbose)
-    finally:
-        source.close()
-
-
-@dataclasses.dataclass
-class _Build:
-    """What one compile works from."""
-
-    source: frontends.ModelSource
-    architecture: str
-    family: frontends.Family
-    config: frontends.ModelConfig
-    resolved: targets.ResolvedTarget
-    scheme: passes.QuantizationScheme
-    debug_dump: Path | None
-    # None: decide by the scheme and the model's size (see _should_calibrate).
-    calibrate: bool | None = False
-
-
-def _write_artifact(b: _Build, out: Path, phases: _Phases, context_window, prefill_chunk, verbose) -> Path:
-    config = b.config
-    context = min(context_window or config.context_window_size, config.context_window_size)
-    chunk = min(prefill_chunk or MAX_PREFILL_CHUNK, context)
-    with phases("export"):
-        module = b.family.model_class(config, dtype=b.scheme.model_dtype)
-        # Weights are converted for the unquantized module's parameters (named as HF's tensors);
-        # the scheme turns each into the arrays the quantized module stores.
-        source_params = [(n, tuple(int(d) for d in p.shape), p.dtype) for n, p in module.named_parameters()]
-        module = b.scheme.quantize_module(module)
-        mod, named_params = module.export()
-        mod = passes.dispatch_kv_cache(mod, module.kv_cache_spec(), b.resolved.target)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        with phases("build"):
-            recipe = b.resolved.recipe
-            pipeline = passes.relax_pipeline(b.resolved.target, recipe, b.debug_dump)
-            executable = tvm.compile(mod, b.resolved.target, relax_pipeline=pipeline)
-            library = recipe.export_library(executable, staging)
-        found = None
-        if _should_calibrate(b, source_params, verbose):
-            with phases("calibrate"):
-                found = _calibrate(b, out.parent, verbose)
-        with phases("weights"):
-            fixup = frontends.tensor_fixup(b.family, b.source, config)
-            converted = frontends.convert_weights(b.source, source_params, fixup)
-            weights = _write_weights(staging, b.scheme, converted, len(source_params),
-                                     {n: p for n, p in named_params}, found.importance if found else {},
-                                     found.hessians if found else {}, verbose)
-        with phases("tokenizer"):
-            has_tokenizer = b.source.save_tokenizer(staging)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "architecture": b.architecture,
-            "family": b.family.name,
-            "model_config": b.source.config,
-            "quantization": b.scheme.name,
-            "model_dtype": b.scheme.model_dtype,
-            "target": b.resolved.name,
-            "device": recipe.device,
-            "library": library,
-            "vocab_size": config.vocab_size,
-            "context_window_size": context,
-            "prefill_chunk_size": chunk,
-            "page_size": PAGE_SIZE,
-            "sliding_window": config.sliding_window,
-            "stage_count": 1,
-            "params": [n for n, _ in named_params],
-            "weights": weights,
-            "tokenizer": {"present": has_tokenizer, "eos_token_ids": _eos_ids(b.source.config, staging)},
-            "generation": {"temperature": 0.0, "max_tokens": 256},
-            "calibration": found.summary() if found else None,
-        }
-        (staging / CONFIG_FILE).write_text(json.dumps(manifest, indent=2, default=str))
-        _replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if verbose:
-        total = sum(phases.seconds.values())
-        print(f"relaxlm: wrote {out} in {total:.1f} s", file=sys.stderr)
+    origin = frontends.locate(model).resolve()
+    out = Path(output) if output else default_output(_source_name(model, origin), scheme.name, resolved.name)
+    check_replaceable(out, force)
+    report = _Report(verbose)
+    # A GGUF file takes seconds to read (its token arrays): say what is happening first. A HF
+    # directory's config reads at once, so its errors come before any line of progress.
+    reads_slowly = origin.is_file()
+    if reads_slowly:
+        report.say(f"compiling {model} for {resolved.name} at {scheme.name}")
+    with contextlib.ExitStack() as closing:
+        start = time.perf_counter()
+        source = frontends.open_source(model)
+        closing.callback(source.close)
+        request = _request(source, origin, resolved, scheme, context_window, prefill_chunk, calibrate,
+                           Path(debug_dump) if debug_dump else None)
+        if not reads_slowly:
+            report.say(f"compiling {model} for {resolved.name} at {scheme.name}")
+        report.record("read", time.perf_counter() - start)
+        report.say(f"{request.architecture}, {request.config.num_hidden_layers} layers, "
+                   f"context {request.context_window}")
+        with staging_directory(out) as staging:
+            _compile_into(request, staging, report)
+            publish(staging, out)
+    report.say(f"wrote {out} in {sum(report.seconds.values()):.1f} s")
     return out
 
 
-def _should_calibrate(b: _Build, source_params, verbose: bool) -> bool:
-    """Whether this compile calibrates: as asked, or by default where the scheme gains from it
-    and the float32 build stays small enough to run on this CPU in minutes."""
-    if not b.scheme.calibrates:
-        return False
-    if b.calibrate is not None:
-        return b.calibrate
-    float32_bytes = 4 * sum(math.prod(shape) for _, shape, _ in source_params)
-    if float32_bytes > CALIBRATION_DEFAULT_MAX_BYTES:
-        if verbose:
-            print(f"relaxlm: not calibrating: the float32 build would take {float32_bytes / 2**30:.1f} GiB "
-                  "(pass --calibrate to calibrate anyway)", file=sys.stderr)
-        return False
-    return True
+def _source_name(model: str | os.PathLike, origin: Path) -> str:
+    """The model's name in the default output: the alias, the directory's or the file's name."""
+    if str(model) in frontends.BUNDLED:
+        return str(model)
+    return origin.stem if origin.is_file() else origin.name
 
 
-def _calibrate(b: _Build, scratch: Path, verbose: bool) -> calibration.Calibration:
-    """Build the model at float32 for the CPU in a scratch directory, and calibrate on it."""
-    float_build = dataclasses.replace(b, scheme=passes.get_scheme("q0f32"), resolved=targets.resolve("llvm"),
-                                      debug_dump=None, calibrate=False)
-    with tempfile.TemporaryDirectory(prefix=".calibration.", dir=scratch) as directory:
-        path = _write_artifact(float_build, Path(directory) / "float32", _Phases(False),
-                               context_window=calibration.SEQUENCE_TOKENS, prefill_chunk=None, verbose=False)
-        capacity = len(calibration.OPENINGS) * (calibration.SEQUENCE_TOKENS + PAGE_SIZE)
-        return calibration.calibrate(Model(path, device="cpu", max_total_tokens=capacity), verbose=verbose)
+def _request(source, origin, resolved, scheme, context_window, prefill_chunk, calibrate, debug_dump) -> _Request:
+    architecture, family = frontends.family_for(source.config)
+    config = family.config_class.from_hf(source.config)
+    context = min(context_window or config.context_window_size, config.context_window_size)
+    chunk = min(prefill_chunk or MAX_PREFILL_CHUNK, context)
+    return _Request(source, origin, architecture, family, config, resolved, scheme, context, chunk,
+                    debug_dump, calibrate)
 
 
-def _write_weights(staging: Path, scheme, converted, count: int, expected: dict, importance: dict,
-                   hessians: dict, verbose: bool) -> dict[str, str]:
-    """Write converted weights (stored by ``scheme``) as safetensors shards; returns {file: sha256}.
+def _compile_into(r: _Request, staging: Path, report: _Report) -> None:
+    """Every step of the compile, writing the artifact into ``staging``."""
+    with report.phase("export"):
+        exported = export(r)
+    with report.phase("build"):
+        library = r.resolved.recipe.export_library(build(r, exported), staging)
+    with report.phase("tokenizer"):
+        tokenizer = save_tokenizer(r, staging)
+    found = None
+    if _should_calibrate(r, exported, report):
+        with report.phase("calibrate"):
+            found = calibrate(r, staging, tokenizer, report.bars)
+    with report.phase("weights"):
+        weights = write_weights(r, exported, staging, found, report.bars)
+    manifest = _manifest(r, exported, staging, library, weights, tokenizer, found)
+    manifest.write(staging)
 
-    ``expected`` maps the exported module's parameter names to its parameters: what the scheme
-    stores must be exactly those, with their shapes and dtypes, or the runtime could not load it."""
+
+# ---- the steps -----------------------------------------------------------------------------
+def export(r: _Request) -> _Exported:
+    """The family's module, quantized by the scheme, exported to Relax with the target's KV cache."""
+    module = r.family.model_class(r.config, dtype=r.scheme.model_dtype)
+    source_params = [(n, tuple(int(d) for d in p.shape), p.dtype) for n, p in module.named_parameters()]
+    module = r.scheme.quantize_module(module)
+    mod, named_params = module.export()
+    mod = passes.dispatch_kv_cache(mod, module.kv_cache_spec(), r.resolved.target)
+    return _Exported(mod, named_params, source_params)
+
+
+def build(r: _Request, exported: _Exported):
+    """The Relax pass pipeline and TVM's build for the target: the executable."""
+    pipeline = passes.relax_pipeline(r.resolved.target, r.resolved.recipe, r.debug_dump)
+    with _without_tvm_noise():
+        return tvm.compile(exported.mod, r.resolved.target, relax_pipeline=pipeline)
+
+
+def save_tokenizer(r: _Request, staging: Path) -> TokenizerInfo:
+    """The source's tokenizer files, written into ``staging``."""
+    present = r.source.save_tokenizer(staging)
+    config_file = staging / "tokenizer_config.json"
+    template = (staging / "chat_template.jinja").is_file() or (staging / "chat_template.json").is_file() or (
+        config_file.is_file() and bool(json.loads(config_file.read_text()).get("chat_template")))
+    return TokenizerInfo(present, tuple(_eos_ids(r.source.config, staging)), present and template)
+
+
+def calibrate(r: _Request, staging: Path, tokenizer: TokenizerInfo, bars: bool) -> calibration.Calibration:
+    """Activation statistics from a float32 build of the model for this CPU, built and run in
+    memory (the tokenizer is the one already in ``staging``)."""
+    float_request = dataclasses.replace(
+        r, scheme=passes.get_scheme("q0f32"), resolved=targets.resolve("llvm"), debug_dump=None, calibrate=False,
+        context_window=min(calibration.SEQUENCE_TOKENS, r.context_window),
+        prefill_chunk=min(calibration.SEQUENCE_TOKENS, r.context_window))
+    exported = export(float_request)
+    executable = build(float_request, exported)
+    converted = dict(_converted(float_request, exported))
+    params = [converted[name] for name, _ in exported.named_params]
+    manifest = _manifest(float_request, exported, staging, "", {}, tokenizer, None)
+    capacity = len(calibration.OPENINGS) * (calibration.SEQUENCE_TOKENS + PAGE_SIZE)
+    model = Model.from_parts(staging, manifest, executable, params, max_total_tokens=capacity)
+    return calibration.calibrate(model, verbose=bars)
+
+
+def write_weights(r: _Request, exported: _Exported, staging: Path, found: calibration.Calibration | None,
+                  bars: bool) -> dict[str, str]:
+    """The converted weights, stored by the scheme, as safetensors shards; returns {file: sha256}.
+
+    What the scheme stores must be exactly the exported module's parameters, with their shapes
+    and dtypes, or the runtime could not load it."""
+    expected = dict(exported.named_params)
+    importance, hessians = (found.importance, found.hessians) if found else ({}, {})
     shards: list[dict] = [{}]
     size = 0
     stored_names = set()
-    for name, array in tqdm(converted, total=count, desc="converting weights", unit="tensor",
-                            disable=not verbose, file=sys.stderr):
-        for key, stored in scheme.convert(name, array, importance.get(name), hessians.get(name)).items():
-            _check_stored(key, stored, expected.get(key), scheme)
+    converted = tqdm(_converted(r, exported), total=len(exported.source_params), desc="converting weights",
+                     unit="tensor", disable=not bars, file=sys.stderr)
+    for name, array in converted:
+        for key, stored in r.scheme.convert(name, array, importance.get(name), hessians.get(name)).items():
+            _check_stored(key, stored, expected.get(key), r.scheme)
             stored_names.add(key)
             if size and size + stored.nbytes > SHARD_BYTES:
                 shards.append({})
@@ -226,13 +248,65 @@ def _write_weights(staging: Path, scheme, converted, count: int, expected: dict,
             shards[-1][key] = stored
             size += stored.nbytes
     if stored_names != set(expected):
-        raise CompileError(f"quantization {scheme.name} stored no weights for {sorted(set(expected) - stored_names)}")
+        raise CompileError(f"quantization {r.scheme.name} stored no weights for {sorted(set(expected) - stored_names)}")
     checksums = {}
     for i, shard in enumerate(shards):
         file = staging / f"params_shard_{i}.safetensors"
         save_file(shard, str(file))
         checksums[file.name] = sha256_of(file)
     return checksums
+
+
+def _manifest(r: _Request, exported: _Exported, staging: Path, library: str, weights: dict[str, str],
+              tokenizer: TokenizerInfo, found: calibration.Calibration | None) -> Manifest:
+    cpu, features = r.resolved.cpu_requirements()
+    return Manifest(
+        architecture=r.architecture,
+        family=r.family.name,
+        model_config=r.source.config,
+        source=str(r.origin),
+        quantization=r.scheme.name,
+        model_dtype=r.scheme.model_dtype,
+        target=r.resolved.name,
+        device=r.resolved.recipe.device,
+        library=library,
+        library_sha256=sha256_of(staging / library) if library else "",
+        cpu=cpu,
+        cpu_features=features,
+        vocab_size=r.config.vocab_size,
+        context_window_size=r.context_window,
+        prefill_chunk_size=r.prefill_chunk,
+        page_size=PAGE_SIZE,
+        sliding_window=r.config.sliding_window,
+        max_append=r.resolved.max_append(r.prefill_chunk, r.config.sliding_window),
+        params=tuple(n for n, _ in exported.named_params),
+        weights=weights,
+        files=tuple(sorted({CONFIG_FILE, *(p.name for p in staging.iterdir())} - {".relaxlm-staging"})),
+        tokenizer=tokenizer,
+        generation=_generation_defaults(staging),
+        calibration=found.summary() if found else None,
+    )
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _should_calibrate(r: _Request, exported: _Exported, report: _Report) -> bool:
+    """Whether this compile calibrates: as asked, or by default where the scheme gains from it
+    and the float32 build stays small enough to run on this CPU in minutes."""
+    if not r.scheme.calibrates:
+        return False
+    if r.calibrate is not None:
+        return r.calibrate
+    float32_bytes = 4 * sum(math.prod(shape) for _, shape, _ in exported.source_params)
+    if float32_bytes > CALIBRATION_DEFAULT_MAX_BYTES:
+        report.say(f"not calibrating: the float32 build would take {float32_bytes / 2**30:.1f} GiB "
+                   "(pass --calibrate to calibrate anyway)")
+        return False
+    return True
+
+
+def _converted(r: _Request, exported: _Exported) -> Iterator[tuple[str, Any]]:
+    fixup = frontends.tensor_fixup(r.family, r.source, r.config)
+    return frontends.convert_weights(r.source, exported.source_params, fixup)
 
 
 def _check_stored(key: str, stored, param, scheme) -> None:
@@ -252,13 +326,31 @@ def _eos_ids(hf_config: dict, staging: Path) -> list[int]:
     return [int(i) for i in (ids if isinstance(ids, list) else [ids])]
 
 
-def _replace_dir(staging: Path, out: Path) -> None:
-    """Move the finished artifact into place, replacing an older one only once it is complete."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out)
+def _generation_defaults(staging: Path) -> dict[str, Any]:
+    """The sampling settings the model's generation_config.json gives, if it has one."""
+    generation_file = staging / "generation_config.json"
+    if not generation_file.is_file():
+        return {}
+    settings = json.loads(generation_file.read_text())
+    return {key: settings[key] for key in GENERATION_KEYS if settings.get(key) is not None}
+
+
+@contextlib.contextmanager
+def _without_tvm_noise() -> Iterator[None]:
+    """Run the block with the process's stderr (where TVM's C++ logs) going to a file, then pass
+    on every line of it but the :data:`TVM_NOISE` ones."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(noise in line for noise in TVM_NOISE):
+                    sys.stderr.write(line)
+            sys.stderr.flush()

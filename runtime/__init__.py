@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .artifact import ArtifactError
-from .engine import GenerationError, Model, Sequence
+from .errors import GenerationError
+from .model import Model, Sequence
 from .sampling import SamplingParams
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .engine import Model
+from .model import Model
 
 
 class BenchError(Exception):
@@ -68,7 +68,7 @@ class RelaxlmEngine(Engine):
     def __init__(self, model: Model):
         self.model = model
         self.name = "relaxlm"
-        self.detail = f"{model.config['quantization']}, {model.config['target']}"
+        self.detail = f"{model.manifest.quantization}, {model.manifest.target}"
         self.seq = None
 
     def prefill(self, token_ids):
@@ -167,22 +167,17 @@ def check_comparisons(names: list[str]) -> None:
 
 def source_of(model: Model, source: str | os.PathLike | None = None) -> Path:
     """The model file the artifact was compiled from (for the comparisons): ``source`` if given,
-    else the one ``.gguf`` file or the HF directory that the recorded model config names."""
+    else the file or HF directory its manifest records, where it still is."""
     if source is not None:
         path = Path(source)
         if not path.exists():
             raise BenchError(f"--source {source}: no such file or directory")
         return path
-    recorded = model.config["model_config"].get("_name_or_path")
-    directory = Path(recorded) if recorded else None
-    if directory is not None and directory.is_dir():
-        ggufs = sorted(directory.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return ggufs[0]
-        if not ggufs and (directory / "config.json").is_file():
-            return directory
+    recorded = Path(model.manifest.source)
+    if recorded.exists():
+        return recorded
     raise BenchError(
-        f"cannot tell which model file {model.path} was compiled from; "
+        f"{model.path} was compiled from {recorded}, which is no longer there; "
         "pass --source (the HF directory, .gguf file or bundled alias it was compiled from)"
     )
 

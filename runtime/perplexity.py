@@ -5,21 +5,27 @@ The text is tokenized once and cut into consecutive, non-overlapping windows (th
 default). Each window starts a fresh sequence, so its first token is context only and is not
 scored; every other token is scored from the logits after the tokens before it in the window —
 what ``transformers`` gives for the same window in one forward pass.
+
+Scoring streams: each call appends a chunk of the window and returns the logits after each of its
+tokens, which are reduced to one sum before the next call. Memory is then bounded by the chunk,
+whatever the text and the window.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence as Seq
+from typing import Callable, Sequence as Seq
 
 import numpy as np
 
-from .engine import GenerationError, Model
+from .errors import GenerationError
+from .model import Model
 
-# TVM 0.27's paged KV cache refuses a token tree (what ``verify`` appends) over 256 tokens
-# (``kTreeAttnMaxTreeSize``).
-MAX_VERIFY_TOKENS = 256
+# Logits held at once, in values: the chunk one call returns (float32), and the rows reduced in
+# float64 at a time: 64 MiB of float32, 16 MiB of float64.
+LOGITS_PER_CALL = 1 << 24
+LOGITS_PER_REDUCTION = 1 << 21
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,45 +53,57 @@ def windows_of(token_ids: Seq[int], window: int) -> list[list[int]]:
     return [ids[start : start + window] for start in range(0, len(ids), window) if len(ids) - start >= 2]
 
 
-def _logits_after_each(model: Model, token_ids: list[int]) -> np.ndarray:
-    """Logits after each of ``token_ids`` (n, vocab), appended to a fresh sequence.
+def tokens_per_call(model: Model) -> int:
+    """The chunk one scoring call appends: as many as one call may append exactly, and no more
+    than :data:`LOGITS_PER_CALL` logits."""
+    return max(1, min(model.max_append, LOGITS_PER_CALL // model.vocab_size))
 
-    ``verify`` returns every position's logits in one call (``prefill`` only the last), so the
-    window goes through it in chunks of ``model.max_append`` (at most ``MAX_VERIFY_TOKENS``). Its tree-attention kernel knows
-    nothing of sliding windows, so a model with sliding-window layers goes through ``decode``, one
-    token per call, the path that is exact for those layers.
-    """
-    rows = []
+
+def nll_of(logits: np.ndarray, targets: np.ndarray) -> float:
+    """-sum log softmax(logits[i])[targets[i]], in float64, a few rows at a time."""
+    rows = max(1, LOGITS_PER_REDUCTION // logits.shape[-1])
+    total = 0.0
+    for start in range(0, len(targets), rows):
+        block = logits[start : start + rows].astype(np.float64)
+        shifted = block - block.max(axis=-1, keepdims=True)
+        log_norm = np.log(np.exp(shifted).sum(axis=-1))
+        chosen = shifted[np.arange(len(block)), targets[start : start + rows]]
+        total += float((log_norm - chosen).sum())
+    return total
+
+
+def _window_nll(model: Model, ids: list[int], progress: Callable[[int], None]) -> float:
+    """-sum log p(ids[i] | ids[:i]) for i ≥ 1, scored chunk by chunk."""
+    step = tokens_per_call(model)
+    inputs, targets = ids[:-1], np.asarray(ids[1:])
+    total = 0.0
     with model.new_sequence() as seq:
-        if model.config.get("sliding_window") or model.max_append == 1:
-            rows = [seq.decode(token)[None, :] for token in token_ids]
-        else:
-            step = min(model.max_append, MAX_VERIFY_TOKENS)
-            for start in range(0, len(token_ids), step):
-                rows.append(seq.verify(token_ids[start : start + step]))
-    return np.concatenate(rows)
+        for start in range(0, len(inputs), step):
+            chunk = inputs[start : start + step]
+            total += nll_of(seq.logits_after_each(chunk), targets[start : start + len(chunk)])
+            progress(len(chunk))
+    return total
 
 
-def _window_nll(model: Model, ids: list[int]) -> float:
-    """-sum log p(ids[i] | ids[:i]) for i ≥ 1, in float64."""
-    logits = _logits_after_each(model, ids[:-1]).astype(np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_norm = np.log(np.exp(shifted).sum(axis=-1))
-    targets = np.asarray(ids[1:])
-    return float((log_norm - shifted[np.arange(targets.size), targets]).sum())
-
-
-def perplexity_of_ids(model: Model, token_ids: Seq[int], window: int | None = None) -> PerplexityResult:
-    """Perplexity of ``model`` over ``token_ids`` in windows of ``window`` tokens (see the module doc)."""
+def perplexity_of_ids(model: Model, token_ids: Seq[int], window: int | None = None,
+                      progress: Callable[[int], None] | None = None) -> PerplexityResult:
+    """Perplexity of ``model`` over ``token_ids`` in windows of ``window`` tokens (see the module
+    doc); ``progress(n)`` is told each time ``n`` more tokens are scored."""
     size = window_size(model, window)
     chunks = windows_of(token_ids, size)
     if not chunks:
         raise GenerationError("perplexity needs a text of at least 2 tokens")
-    nll = sum(_window_nll(model, ids) for ids in chunks)
+    nll = sum(_window_nll(model, ids, progress or (lambda _n: None)) for ids in chunks)
     scored = sum(len(ids) - 1 for ids in chunks)
     return PerplexityResult(math.exp(nll / scored), nll, scored, len(chunks), size)
 
 
-def perplexity(model: Model, text: str, window: int | None = None) -> PerplexityResult:
+def scored_tokens(token_ids: Seq[int], window: int) -> int:
+    """How many tokens :func:`perplexity_of_ids` scores (for a progress bar)."""
+    return sum(len(ids) - 1 for ids in windows_of(token_ids, window))
+
+
+def perplexity(model: Model, text: str, window: int | None = None,
+               progress: Callable[[int], None] | None = None) -> PerplexityResult:
     """Perplexity of ``model`` over ``text``, tokenized by the artifact's tokenizer as it does by default."""
-    return perplexity_of_ids(model, model.tokenizer(text)["input_ids"], window)
+    return perplexity_of_ids(model, model.tokenizer(text)["input_ids"], window, progress)

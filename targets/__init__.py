@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import platform
 import shutil
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +23,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_backend
 from tvm.relax.backend.gpu_generic import pipeline as gpu_backend
 
 from . import cpu_schedules, gpu
+from .cpu_features import cpu_features
 from .errors import TargetError
 
 
@@ -49,6 +51,9 @@ class TargetRecipe:
         executable.export_library(str(path)))
     # The architecture this recipe builds for, set by :func:`resolve`.
     arch: str | None = None
+    # Whether its paged KV cache masks the cached keys of sliding-window layers exactly when a
+    # call appends many tokens (relaxlm's CPU kernel does; TVM's GPU kernels are unverified).
+    exact_sliding_window_prefill: bool = False
 
     def export_library(self, executable, directory) -> str:
         """Write the compiled library into ``directory``; returns its file name."""
@@ -60,14 +65,25 @@ class TargetRecipe:
         return self.make_target(arch or self.arch)
 
 
-def _host_llvm(arch: str | None) -> tvm.target.Target:
-    if arch is not None:
-        raise TargetError(f"target 'llvm' takes no architecture (got 'llvm:{arch}'); it builds for this CPU")
+# What ``llvm:portable`` builds for, by machine: a CPU that nearly every machine of the kind still
+# in use has (x86-64-v3: AVX2 and FMA, Intel since 2013 and AMD since 2015).
+PORTABLE_CPUS = {"x86_64": "x86-64-v3", "AMD64": "x86-64-v3", "aarch64": "generic", "arm64": "apple-m1"}
+
+
+def _llvm(arch: str | None) -> tvm.target.Target:
+    """This machine's CPU, or the CPU ``arch`` names (an LLVM CPU name, or ``portable``)."""
     from tvm.target import codegen
 
-    return tvm.target.Target(
-        {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
-    )
+    if arch is None:
+        cpu = codegen.llvm_get_system_cpu()
+    elif arch == "portable":
+        cpu = PORTABLE_CPUS.get(platform.machine(), "generic")
+    else:
+        cpu = arch
+    if not codegen.llvm_is_valid_cpu(cpu, codegen.llvm_get_system_triple()):
+        raise TargetError(f"target 'llvm:{arch}': LLVM knows no CPU '{cpu}' (try llvm for this CPU, "
+                          "llvm:portable, or an LLVM CPU name such as llvm:x86-64-v3)")
+    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1})
 
 
 # What GPU targets share: 4-bit weights computed in fp16 (checked on an H100: tests/gpu).
@@ -79,8 +95,8 @@ _gpu_recipe = functools.partial(
 TARGETS: dict[str, TargetRecipe] = {
     "llvm": TargetRecipe(
         name="llvm",
-        description="this machine's CPU",
-        make_target=_host_llvm,
+        description="this machine's CPU (llvm:portable or llvm:<LLVM CPU name> for an artifact to copy)",
+        make_target=_llvm,
         # Our own NT-matmul rule (the projections that dominate decode); everything else stays
         # unscheduled. dlight's CPU rules (cpu.GEMV, cpu.Reduction) are not used: they made a tiny
         # model build 8x slower and did not finish SmolLM2-135M in 5 minutes.
@@ -90,6 +106,7 @@ TARGETS: dict[str, TargetRecipe] = {
         compute_dtype="float32",
         default_quantization="q4f32_1",
         library_file="lib.so",
+        exact_sliding_window_prefill=True,
     ),
     "cuda": _gpu_recipe(
         name="cuda",
@@ -136,6 +153,25 @@ class ResolvedTarget:
     name: str
     recipe: TargetRecipe
     target: tvm.target.Target
+
+    def cpu_requirements(self) -> tuple[str | None, tuple[str, ...]]:
+        """The CPU an llvm library's code is generated for and the features it may use (none
+        recorded for GPU targets, whose host code is built for a generic CPU)."""
+        if self.target.kind.name != "llvm":
+            return None, ()
+        return str(self.target.attrs["mcpu"]), cpu_features(self.target)
+
+    def max_append(self, prefill_chunk: int, sliding_window: int | None) -> int:
+        """The most tokens one call may append to one sequence and stay exact.
+
+        With sliding-window layers, TVM 0.27's paged KV cache attends the appended chunk's own
+        keys with one plain causal kernel for all layers, so a chunk longer than the window would
+        let its last queries see keys that have slid out; up to the window, the chunk's keys lie
+        inside every query's window. The cached keys need a kernel that masks them exactly, which
+        only some recipes have; the others append one token per call."""
+        if not sliding_window:
+            return prefill_chunk
+        return min(prefill_chunk, sliding_window) if self.recipe.exact_sliding_window_prefill else 1
 
 
 def best_local() -> str:

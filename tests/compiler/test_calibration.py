@@ -100,5 +100,5 @@ def test_calibrated_q4_compile_records_it_and_stays_close_to_float32(tiny_models
 ])
 def test_when_a_compile_calibrates(asked, scheme, float32_bytes, expected):
     build = types.SimpleNamespace(scheme=get_scheme(scheme), calibrate=asked)
-    params = [("w", (float32_bytes // 4,), "float32")]
-    assert compile_module._should_calibrate(build, params, verbose=False) == expected
+    exported = types.SimpleNamespace(source_params=[("w", (float32_bytes // 4,), "float32")])
+    assert compile_module._should_calibrate(build, exported, compile_module._Report(verbose=False)) == expected

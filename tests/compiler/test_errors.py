@@ -2,28 +2,11 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
+from cli_support import assert_one_line_error, run_cli
 from llama_specs import LLAMA_SPECS
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "relaxlm.compiler.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=600)
-
-
-def assert_one_line_error(result, *fragments, after_progress=False):
-    """The error is one line, the last; only an error found mid-compile follows progress lines."""
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr
-    assert [line for line in lines if line.startswith("relaxlm: error: ")] == lines[-1:], result.stderr
-    assert after_progress or len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,7 @@ def run(bundle: Path, repeats: int, only: str | None) -> int:
     import tvm
 
     runtime = import_runtime()
-    runtime.engine._load_device_runtime("cuda")  # a runtime-only TVM loads no device backend itself
+    runtime.model._load_device_runtime("cuda")  # a runtime-only TVM loads no device backend itself
     print(f"GPU: {tvm.cuda(0).device_name}, compute {tvm.cuda(0).compute_version}", flush=True)
     manifest = json.loads((bundle / "manifest.json").read_text())
     failed = False
@@ -228,11 +228,11 @@ def transformers_model(model, path: Path, device: str = "cuda", dtype: str = "fl
     from safetensors.numpy import load_file
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-    cfg = model.config["model_config"]
+    cfg = model.manifest.model_config
     config = CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
     hf = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).to(device).eval()
     stored = {}
-    for file in model.config["weights"]:
+    for file in model.manifest.weights:
         stored.update(load_file(str(path / file)))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim

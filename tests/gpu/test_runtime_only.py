@@ -24,9 +24,9 @@ import device_check
 model = device_check.import_runtime().load(sys.argv[1])
 tokens = device_check.greedy(model, json.loads(sys.argv[2]), 4)[0]
 import tvm
-from relaxlm.runtime import ArtifactError, engine
+from relaxlm.runtime import ArtifactError, model as runtime_model
 try:  # CUDA's runtime library: loaded where a driver is, a clear error where none is
-    engine._load_device_runtime("cuda")
+    runtime_model._load_device_runtime("cuda")
     cuda = tvm.get_global_func("device_api.cuda", allow_missing=True) is not None
 except ArtifactError as err:
     cuda = str(err)

@@ -2,13 +2,16 @@
 and the one-line errors of comparisons that cannot run."""
 
 import importlib.util
+import json
 import re
+import shutil
 
 import pytest
 from click.testing import CliRunner
 
 from llama_specs import LLAMA_SPECS
 from relaxlm.compiler.cli import main
+from relaxlm.runtime.artifact import CONFIG_FILE
 
 NUMBER = r"\d+(?:\.\d+)?"
 ROW = re.compile(rf"^(?P<label>.+?)\s+(?P<prefill>{NUMBER})\s+(?P<decode>{NUMBER})\s+(?P<rp>{NUMBER})\s+(?P<rd>{NUMBER})$")
@@ -40,9 +43,19 @@ def test_table_has_a_row_per_engine_with_positive_speeds_and_ratios(tiny):
     assert float(rows[0]["rp"]) == float(rows[0]["rd"]) == 1.0
 
 
-def test_comparison_asks_for_source_when_the_config_records_none(tiny):
-    # A HF directory's config.json records no path, so the comparison needs --source.
+def test_comparisons_load_the_source_the_manifest_records(tiny):
     result = _bench(tiny.artifact, "--prompt-len", 4, "--gen-len", 1, "--runs", 1, "--compare", "transformers")
+    assert result.exit_code == 0, result.output
+    assert [line.split()[0] for line in result.stdout.strip().splitlines()[2:]] == ["relaxlm", "transformers"]
+
+
+def test_comparison_asks_for_source_when_the_recorded_one_is_gone(tiny, tmp_path):
+    copy = tmp_path / "artifact"
+    shutil.copytree(tiny.artifact, copy)
+    manifest = json.loads((copy / CONFIG_FILE).read_text())
+    manifest["source"] = str(tmp_path / "moved-away")
+    (copy / CONFIG_FILE).write_text(json.dumps(manifest))
+    result = _bench(copy, "--prompt-len", 4, "--gen-len", 1, "--runs", 1, "--compare", "transformers")
     assert result.exit_code == 1
     assert len(result.output.strip().splitlines()) == 1
     assert "pass --source" in result.output

@@ -1,16 +1,19 @@
 """Perplexity against transformers: the same windows scored by the reference model's logits
 (one forward pass per window, cross-entropy in float64)."""
 
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import VOCAB
+from conftest import VOCAB, TinySpec
 from gemma3_specs import GEMMA3_SPECS
-from llama_specs import LLAMA_SPECS
+from llama_specs import LLAMA_SPECS, llama
 from relaxlm.compiler.cli import main
 from relaxlm.runtime.perplexity import perplexity, perplexity_of_ids
 
@@ -32,9 +35,9 @@ def reference_perplexity(logits_of, token_ids, window):
 
 
 @pytest.mark.parametrize("spec, window", [
-    # Windows of 40 over prefill chunks of 8: verify runs in chunks, three windows (the last short).
+    # Windows of 40 over prefill chunks of 8: scored in chunks, three windows (the last short).
     (LLAMA_SPECS["mha_llama3_bias_bf16"], 40),
-    # Sliding-window layers (window 8) inside windows of 30 tokens: scored through decode.
+    # Sliding-window layers (window 8) inside windows of 30 tokens: scored a window per call.
     (GEMMA3_SPECS["sliding_global_softcap"], 30),
 ])
 def test_perplexity_matches_transformers(tiny_models, spec, window):
@@ -71,3 +74,37 @@ def test_cli_rejects_a_window_too_small_in_one_line(tiny_models, tmp_path):
                                        "--window", "1"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == ["relaxlm: error: a perplexity window needs at least 2 tokens, not 1"]
+
+
+# SmolLM2's vocabulary on a model too small to take time: the logits are what costs memory.
+BIG_VOCAB = TinySpec("llama_big_vocab", llama(vocab_size=49152, hidden_size=32, intermediate_size=32,
+                                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                              max_position_embeddings=4096))
+# Peak memory while scoring, above the loaded model: one call's logits as TVM returns them and as
+# numpy copies them (2 x 64 MiB), three float64 blocks of the reduction (3 x 16 MiB), the VM's
+# buffers for one call, and slack (measured: +233 MiB at 1,000 and at 16,000 tokens). Holding a
+# 4,096-token window's logits instead, as float64, takes 1.5 GiB per copy (measured: +6.2 GiB).
+SCORING_MEMORY_BOUND_MB = 320
+_MEASURE = """
+import json, resource, sys
+import numpy as np
+from relaxlm.runtime import load
+from relaxlm.runtime.perplexity import perplexity_of_ids
+model = load(sys.argv[1])
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+loaded = peak()
+ids = np.random.default_rng(0).integers(0, model.vocab_size, size=int(sys.argv[2])).tolist()
+result = perplexity_of_ids(model, ids, window=4096)
+print(json.dumps({"loaded": loaded, "peak": peak(), "scored": result.scored_tokens}))
+"""
+
+
+def test_scoring_memory_stays_bounded_whatever_the_text(tiny_models):
+    artifact = tiny_models(BIG_VOCAB).artifact
+    for tokens in (1_000, 16_000):
+        run = subprocess.run([sys.executable, "-c", _MEASURE, str(artifact), str(tokens)], capture_output=True,
+                             text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        measured = json.loads(run.stdout)
+        assert measured["scored"] == tokens - math.ceil(tokens / 4096)
+        assert measured["peak"] - measured["loaded"] < SCORING_MEMORY_BOUND_MB, (tokens, measured)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Sequence as Seq
+from typing import Sequence as Seq
 
 import numpy as np
 import tvm
@@ -17,16 +17,15 @@ from tvm.runtime import ShapeTuple
 # (TVM_USE_RUNTIME_LIB=1, as deployed to a GPU machine) does not have.
 from tvm.runtime.vm import VirtualMachine
 
-from .artifact import ArtifactError, read_config, verify_weights
+from . import generation
+from .artifact import ArtifactError, Manifest, verify_files
+from .errors import GenerationError
+from .host import check_cpu_features
 
 
 # TVM 0.27's paged KV cache attends a token tree of at most 256 nodes; a longer draft chain
 # stops inside TVM with an internal error.
 MAX_DRAFT_TOKENS = 256
-
-
-class GenerationError(Exception):
-    """A request the loaded model cannot serve (too long, bad token); the message says why."""
 
 
 def _builtin(name: str):
@@ -84,55 +83,82 @@ def _load_device_runtime(kind: str) -> None:
                             f"(lib{name}.so) cannot be loaded ({err})") from None
 
 
-def _load_params(path: Path, config: dict[str, Any], device) -> list:
+def _load_params(path: Path, manifest: Manifest, device) -> list:
     from safetensors.numpy import load_file
 
     arrays: dict[str, np.ndarray] = {}
-    for file in config["weights"]:
+    for file in manifest.weights:
         arrays.update(load_file(str(path / file)))
-    return [tvm.runtime.tensor(arrays[name], device) for name in config["params"]]
+    return [tvm.runtime.tensor(arrays[name], device) for name in manifest.params]
 
 
-def _max_append(prefill_chunk: int, window: int | None, device_kind: str) -> int:
-    """The most tokens one call may append to one sequence and stay exact.
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
-    With sliding-window layers, TVM 0.27's paged KV cache attends the appended chunk's own keys
-    with one plain causal kernel for all layers (the runtime does not tell it which layers slide),
-    so a chunk longer than the window would let its last queries see keys that have slid out. Up
-    to the window, the chunk's keys all lie inside every query's window, and the cached keys go
-    through the kernel of ``relaxlm.passes.sliding_window_attention``, which masks them exactly.
-    That kernel is the llvm target's; TVM's GPU kernels are unverified, so other devices append
-    one token per call.
-    """
-    if not window:
-        return prefill_chunk
-    if device_kind == "cpu":
-        return min(prefill_chunk, window)
-    return 1
+
+def _load_library(path: Path, manifest: Manifest):
+    try:
+        return tvm.runtime.load_module(str(path / manifest.library))
+    except Exception as err:  # noqa: BLE001  (TVM raises its own error types for a library it cannot load)
+        raise ArtifactError(f"{path}: cannot load {manifest.library} ({_first_line(err)}); recompile the model "
+                            "for this machine") from None
+
+
+def _load_tokenizer(path: Path, manifest: Manifest):
+    if not manifest.tokenizer.present:
+        raise ArtifactError(f"{path} was compiled without a tokenizer; pass token ids instead")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:  # noqa: BLE001  (transformers raises many types for a broken tokenizer)
+        raise ArtifactError(f"{path}: cannot load its tokenizer ({_first_line(err)}); recompile the model") from None
 
 
 class Model:
     """A loaded artifact. ``generate`` for text; ``new_sequence`` and the ``batch_*`` methods
     for direct control of the KV cache."""
 
-    def __init__(self, path: str | Path, device: str = "auto", max_batch_size: int = 8, max_total_tokens: int | None = None):
-        self.path = Path(path)
-        self.config = read_config(self.path)
-        verify_weights(self.path, self.config)
-        self.device = _device(device, self.config["device"])
-        self.vm = VirtualMachine(tvm.runtime.load_module(str(self.path / self.config["library"])), self.device)
-        self.params = _load_params(self.path, self.config, self.device)
-        self.context_window = self.config["context_window_size"]
-        self.prefill_chunk = self.config["prefill_chunk_size"]
-        self.vocab_size = self.config["vocab_size"]
+    def __init__(self, path: str | Path, device: str = "auto", max_batch_size: int = 8,
+                 max_total_tokens: int | None = None):
+        path = Path(path)
+        manifest = Manifest.read(path)
+        check_cpu_features(path, manifest)
+        verify_files(path, manifest)
+        bound = _device(device, manifest.device)
+        library = _load_library(path, manifest)
+        self._bind(path, manifest, library, _load_params(path, manifest, bound), bound, max_batch_size,
+                   max_total_tokens)
+
+    @classmethod
+    def from_parts(cls, path: Path, manifest: Manifest, library, params: list, *, max_batch_size: int = 8,
+                   max_total_tokens: int | None = None) -> "Model":
+        """A model from a library and weights already in memory (the compiler's calibration build),
+        on the device its manifest names; ``path`` holds the tokenizer."""
+        model = cls.__new__(cls)
+        bound = _device("auto", manifest.device)
+        model._bind(Path(path), manifest, library, [tvm.runtime.tensor(p, bound) for p in params], bound,
+                    max_batch_size, max_total_tokens)
+        return model
+
+    def _bind(self, path: Path, manifest: Manifest, library, params: list, device, max_batch_size: int,
+              max_total_tokens: int | None) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.device = device
+        self.vm = VirtualMachine(library, device)
+        self.params = params
+        self.context_window = manifest.context_window_size
+        self.prefill_chunk = manifest.prefill_chunk_size
+        self.vocab_size = manifest.vocab_size
         self.max_batch_size = max_batch_size
+        # The most tokens one call may append to one sequence and stay exact (the target decides).
+        self.max_append = manifest.max_append
         total = max_total_tokens or self.context_window
-        window = self.config.get("sliding_window")
-        sliding = 1 if window else 0
-        # The most tokens one call may append to one sequence.
-        self.max_append = _max_append(self.prefill_chunk, window, self.config["device"])
+        sliding = 1 if manifest.sliding_window else 0
         self.kv_cache = self.vm["create_paged_kv_cache"](
-            *(ShapeTuple([n]) for n in (max_batch_size, total, self.prefill_chunk, self.config["page_size"], sliding))
+            *(ShapeTuple([n]) for n in (max_batch_size, total, self.prefill_chunk, manifest.page_size, sliding))
         )
         self._ids = itertools.count()
         self._tokenizer = None
@@ -141,11 +167,7 @@ class Model:
     def tokenizer(self):
         """The Hugging Face tokenizer saved with the artifact."""
         if self._tokenizer is None:
-            if not self.config["tokenizer"]["present"]:
-                raise ArtifactError(f"{self.path} was compiled without a tokenizer; pass token ids instead")
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+            self._tokenizer = _load_tokenizer(self.path, self.manifest)
         return self._tokenizer
 
     # ---- sequences -------------------------------------------------------------------------
@@ -203,17 +225,14 @@ class Model:
         ids = np.asarray(tokens, dtype=np.int32)[:, None]
         return self._forward("batch_decode", seqs, [1] * len(seqs), self._embed(ids))
 
-    def generate(self, prompt: str, max_tokens: int = 128, **options) -> str:
-        """Generate a completion of ``prompt``; see :func:`relaxlm.runtime.generation.generate`."""
-        from .generation import generate
+    def generate(self, prompt: str | list[dict], max_tokens: int = generation.DEFAULT_MAX_TOKENS, **options) -> str:
+        """Generate a completion of ``prompt``; see :func:`relaxlm.runtime.generation.stream`."""
+        return generation.generate(self, prompt, max_tokens=max_tokens, **options)
 
-        return generate(self, prompt, max_tokens=max_tokens, **options)
-
-    def stream(self, prompt: str, max_tokens: int = 128, **options):
+    def stream(self, prompt: str | list[dict], max_tokens: int = generation.DEFAULT_MAX_TOKENS,
+               **options) -> generation.TextStream:
         """Like :meth:`generate`, yielding text pieces as they are decoded."""
-        from .generation import stream
-
-        return stream(self, prompt, max_tokens=max_tokens, **options)
+        return generation.stream(self, prompt, max_tokens=max_tokens, **options)
 
 
 class Sequence:
@@ -240,6 +259,15 @@ class Sequence:
             chunk = ids[start : start + self.model.max_append]
             logits = self.model._forward("prefill", [self], [chunk.size], self.model._embed(chunk[None, :]))
         return logits[0]
+
+    def logits_after_each(self, token_ids: Seq[int]) -> np.ndarray:
+        """Append ``token_ids`` in one call (at most ``model.max_append``, the most that stays exact);
+        returns the logits after each of them (n, vocab)."""
+        ids = np.asarray(token_ids, dtype=np.int32)
+        if ids.ndim != 1 or not 0 < ids.size <= self.model.max_append:
+            raise GenerationError(f"one call appends 1 to {self.model.max_append} tokens, not {ids.size}")
+        positions = tvm.runtime.tensor(np.arange(ids.size, dtype=np.int32), self.model.device)
+        return self.model._forward("batch_prefill", [self], [ids.size], self.model._embed(ids[None, :]), positions)
 
     def decode(self, token_id: int) -> np.ndarray:
         """Append one token; returns its logits [vocab]."""
