@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .artifact import ArtifactError
+from .chat import Conversation
 from .errors import GenerationError
 from .model import Model, Sequence
 from .sampling import SamplingParams
@@ -15,4 +16,4 @@ def load(path: str | Path, device: str = "auto", **options) -> Model:
     return Model(path, device=device, **options)
 
 
-__all__ = ["ArtifactError", "GenerationError", "Model", "SamplingParams", "Sequence", "load"]
+__all__ = ["ArtifactError", "Conversation", "GenerationError", "Model", "SamplingParams", "Sequence", "load"]

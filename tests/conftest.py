@@ -31,8 +31,9 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
-def save_word_tokenizer(directory: Path) -> None:
-    """A tiny whitespace word-level tokenizer over the test vocabulary (ids 0–2 special)."""
+def save_word_tokenizer(directory: Path, chat_template: str | None = None) -> None:
+    """A tiny whitespace word-level tokenizer over the test vocabulary (ids 0–2 special), with
+    ``chat_template`` if given."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -40,6 +41,7 @@ def save_word_tokenizer(directory: Path) -> None:
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = chat_template
     fast.save_pretrained(directory)
 
 
@@ -76,6 +78,8 @@ class TinySpec:
     compile_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Rewrites the saved config.json (e.g. into an older format) before the reference is loaded.
     edit_config: Callable[[dict], dict] | None = None
+    # A Jinja chat template (of vocabulary words) for the saved tokenizer; None: a base model.
+    chat_template: str | None = None
 
 
 def _build(spec: TinySpec, root: Path) -> TinyModel:
@@ -90,7 +94,7 @@ def _build(spec: TinySpec, root: Path) -> TinyModel:
     # weights exactly as stored. (Casting the in-memory model back to float32 would keep its RoPE
     # inv_freq buffers rounded to the save dtype: 6e-4 relative error in bf16.)
     reference = type(model).from_pretrained(hf_dir, dtype=torch.float32).eval()
-    save_word_tokenizer(hf_dir)
+    save_word_tokenizer(hf_dir, spec.chat_template)
     artifact = compile_model(hf_dir, target="llvm", quantization="q0f32", output=root / f"{spec.name}-artifact",
                              **spec.compile_options)
     return TinyModel(spec.name, reference, hf_dir, artifact)
