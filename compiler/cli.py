@@ -78,7 +78,7 @@ class _OneLineUsageErrors(click.Group):
 
 
 @click.group(cls=_OneLineUsageErrors, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="relaxlm", message="%(prog)s %(version)s")
+@click.version_option(package_name="relaxlm", message="relaxlm %(version)s")
 def main():
     """relaxlm: compile open-weight language models ahead of time with TVM Relax and run them."""
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))

@@ -1,4 +1,5 @@
-"""Running the ``relaxlm`` command line as a user does (a subprocess) and checking its errors."""
+"""Running the ``relaxlm`` command line as a user does (a subprocess), checking its errors, and
+choosing stop strings in generated text."""
 
 import subprocess
 import sys
@@ -19,3 +20,10 @@ def assert_one_line_error(result, *fragments, after_progress=False):
     assert after_progress or len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in lines[-1], lines[-1]
+
+
+def first_new_word(text: str) -> int:
+    """The index of the first word of ``text`` after the first that does not occur in the text
+    before it (a stop string there cuts exactly at that word)."""
+    words = text.split()
+    return next(i for i in range(1, len(words)) if words[i] not in " ".join(words[:i]))
