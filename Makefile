@@ -7,10 +7,12 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test
 
-# Compile the bundled SmolLM2-135M-Instruct for this machine and ask it a question.
+# Compile the bundled SmolLM2-135M-Instruct for this machine (into the default dist/ name the
+# README uses) and ask it a question.
 demo: $(VENV)/.installed
-	$(BIN)/relaxlm compile smollm2-135m --target auto --output dist/smollm2-135m
-	$(BIN)/relaxlm generate dist/smollm2-135m --chat --prompt "What is the capital of France?"
+	@artifact=$$($(BIN)/relaxlm compile smollm2-135m --target auto) && \
+	$(BIN)/relaxlm generate "$$artifact" "What is the capital of France?" && \
+	echo "Next: . $(VENV)/bin/activate; relaxlm chat $$artifact"
 
 # Run the test suite (reference: transformers on a CPU torch).
 test: $(VENV)/.installed

@@ -14,17 +14,25 @@ import click
 DEFAULT_MAX_TOKENS = 256
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """The exception types that carry a message meant for the user (one per boundary)."""
-    from relaxlm.compiler import CompileError
-    from relaxlm.frontends import FrontendError
-    from relaxlm.passes import PassError
-    from relaxlm.runtime import ArtifactError, GenerationError
-    from relaxlm.runtime.bench import BenchError
-    from relaxlm.targets import TargetError
+# The exception types that carry a message meant for the user (one per boundary), by module: an
+# error of one can only come from a module already imported, so checking costs no import (and
+# needs no TVM compiler where only its runtime is installed).
+_USER_ERRORS = {
+    "relaxlm.frontends.errors": "FrontendError",
+    "relaxlm.passes.errors": "PassError",
+    "relaxlm.targets.errors": "TargetError",
+    "relaxlm.compiler.errors": "CompileError",
+    "relaxlm.runtime.artifact": "ArtifactError",
+    "relaxlm.runtime.errors": "GenerationError",
+    "relaxlm.runtime.bench": "BenchError",
+}
 
-    return (FrontendError, PassError, TargetError, CompileError, ArtifactError, GenerationError, BenchError,
-            ValueError)
+
+def _is_user_error(err: Exception) -> bool:
+    if isinstance(err, ValueError):
+        return True
+    return any(module in sys.modules and isinstance(err, getattr(sys.modules[module], name))
+               for module, name in _USER_ERRORS.items())
 
 
 def _fail(message: str, status: int = 1):
@@ -53,7 +61,7 @@ def reports_errors(command):
             if os.environ.get("RELAXLM_DEBUG"):
                 raise
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            if not isinstance(err, _user_errors()):
+            if not _is_user_error(err):
                 message = f"internal error ({type(err).__name__}): {message} (rerun with RELAXLM_DEBUG=1 for details)"
             _fail(message)
 

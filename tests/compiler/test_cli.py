@@ -78,3 +78,13 @@ def test_help_shows_the_defaults(tiny):
     text = run_cli("chat", "-h").stdout
     assert "generation_config" in text and "temperature 0.8" in text
     assert "[default: 256;" in run_cli("generate", "-h").stdout
+
+
+@pytest.mark.real
+def test_generate_answers_an_instruct_models_question_without_chat(smollm2_artifacts):
+    result = _generate(smollm2_artifacts("q4f32_1"), "What is the capital of France?", "--max-tokens", 24)
+    assert "Paris" in result.stdout, (result.stdout, result.stderr)
+    # Sent as it is, SmolLM2-Instruct ends its turn at once; stderr says why and what to do.
+    raw = _generate(smollm2_artifacts("q4f32_1"), "What is the capital of France?", "--max-tokens", 24, "--raw")
+    assert raw.stdout.strip() == ""
+    assert "end-of-sequence" in raw.stderr and "drop --raw" in raw.stderr

@@ -132,3 +132,13 @@ def test_a_portable_artifact_runs_here_and_matches_transformers(tiny, tmp_path):
     with load(artifact).new_sequence() as seq:
         logits = seq.logits_after_each(ids)
     assert relative_error(logits, tiny.reference_logits(ids)) < 1e-4
+
+
+def test_the_manifest_records_the_models_sampling_settings(tiny, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny.hf_dir, model)
+    settings = json.loads((model / "generation_config.json").read_text())
+    settings.update(do_sample=True, temperature=0.6, top_p=0.9, max_length=99)
+    (model / "generation_config.json").write_text(json.dumps(settings))
+    artifact = compile_model(model, target="llvm", quantization="q0f32", output=tmp_path / "out")
+    assert Manifest.read(artifact).generation == {"do_sample": True, "temperature": 0.6, "top_p": 0.9}

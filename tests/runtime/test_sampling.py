@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from relaxlm.runtime.sampling import Sampler, SamplingParams
+from relaxlm.runtime.sampling import Sampler, SamplingParams, chat_sampling
 
 LOGITS = np.array([1.0, 3.0, 2.0, -1.0, 0.5], dtype=np.float32)
 
@@ -40,3 +40,22 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
 def test_invalid_parameters_are_rejected():
     with pytest.raises(ValueError):
         SamplingParams(top_p=0.0)
+
+
+def test_chat_samples_with_the_models_generation_config_else_ollamas_defaults():
+    assert chat_sampling({}) == SamplingParams(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1,
+                                               repetition_window=64)
+    model = chat_sampling({"do_sample": True, "temperature": 0.6, "top_p": 0.95})
+    assert (model.temperature, model.top_p, model.top_k) == (0.6, 0.95, 40)
+    assert chat_sampling({"do_sample": False, "temperature": 0.6}).temperature == 0.0
+    assert chat_sampling({"temperature": 0.6}, temperature=0.2, top_k=None).temperature == 0.2
+
+
+def test_the_repetition_window_penalises_only_recent_tokens():
+    sampler = Sampler(SamplingParams(repetition_penalty=2.0, repetition_window=1))
+    np.testing.assert_allclose(sampler.penalise(LOGITS, [1, 3]), [1.0, 3.0, 2.0, -2.0, 0.5])
+
+
+def test_an_invalid_value_names_its_parameter():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=1.5)
