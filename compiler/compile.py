@@ -188,7 +188,7 @@ def export(r: _Request) -> _Exported:
     source_params = [(n, tuple(int(d) for d in p.shape), p.dtype) for n, p in module.named_parameters()]
     module = r.scheme.quantize_module(module)
     mod, named_params = module.export()
-    mod = passes.dispatch_kv_cache(mod, module.kv_cache_spec(), r.resolved.target)
+    mod = passes.dispatch_kv_cache(mod, module.kv_cache_spec(), r.resolved.target, r.resolved.recipe.kv_cache_kernels)
     return _Exported(mod, named_params, source_params)
 
 
@@ -212,7 +212,7 @@ def calibrate(r: _Request, staging: Path, tokenizer: TokenizerInfo, bars: bool) 
     """Activation statistics from a float32 build of the model for this CPU, built and run in
     memory (the tokenizer is the one already in ``staging``)."""
     float_request = dataclasses.replace(
-        r, scheme=passes.get_scheme("q0f32"), resolved=targets.resolve("llvm"), debug_dump=None, calibrate=False,
+        r, scheme=passes.get_scheme("q0f32"), resolved=targets.resolve(targets.HOST), debug_dump=None, calibrate=False,
         context_window=min(calibration.SEQUENCE_TOKENS, r.context_window),
         prefill_chunk=min(calibration.SEQUENCE_TOKENS, r.context_window))
     exported = export(float_request)
@@ -269,6 +269,7 @@ def _manifest(r: _Request, exported: _Exported, staging: Path, library: str, wei
         model_dtype=r.scheme.model_dtype,
         target=r.resolved.name,
         device=r.resolved.recipe.device,
+        runs_in=r.resolved.recipe.runs_in,
         library=library,
         library_sha256=sha256_of(staging / library) if library else "",
         cpu=cpu,

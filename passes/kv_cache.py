@@ -2,21 +2,21 @@
 
 A frontend cannot know the target, but TVM's paged KV cache compiles attention kernels for one
 (TIR kernels for the CPU differ from the GPU ones). The frontend exports a placeholder
-``create_paged_kv_cache``; this pass exports the real one for the target and swaps it in. For the
-llvm target it also replaces TVM's faulty CPU sliding-window prefill kernel with
-:mod:`relaxlm.passes.sliding_window_attention`'s.
+``create_paged_kv_cache``; this pass exports the real one for the target and swaps it in, with
+the kernels the target's recipe replaces (by name, same signature).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import tvm
 from tvm import relax as rx
+from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
 
 from relaxlm.frontends.causal_lm import KV_CACHE_ARGS, KVCacheSpec
-
-from .sliding_window_attention import PAGED_PREFILL_SLIDING_CPU, paged_prefill_sliding_window_cpu
 
 ENTRY = "create_paged_kv_cache"
 # TVM's default window; the value only matters for layers of kind mha_sliding.
@@ -63,23 +63,17 @@ class _TIRKVCacheFactory(nn.Module):
         )
 
 
-def dispatch_kv_cache(mod: tvm.IRModule, spec: KVCacheSpec, target: tvm.target.Target) -> tvm.IRModule:
-    """``mod`` with its placeholder ``create_paged_kv_cache`` replaced by the target's cache."""
+def dispatch_kv_cache(mod: tvm.IRModule, spec: KVCacheSpec, target: tvm.target.Target,
+                      replaced_kernels: Callable[[KVCacheSpec], dict[str, tirx.PrimFunc]] = lambda _spec: {},
+                      ) -> tvm.IRModule:
+    """``mod`` with its placeholder ``create_paged_kv_cache`` replaced by the target's cache, whose
+    kernels named in ``replaced_kernels(spec)`` are replaced by the ones given there."""
     factory_spec = {ENTRY: {**{arg: int for arg in KV_CACHE_ARGS}, "$": {"param_mode": "none", "effect_mode": "none"}}}
     with target:
         cache_mod, _ = _TIRKVCacheFactory(spec, target).export_tvm(spec=factory_spec)
-    if target.kind.name == "llvm":
-        cache_mod = _fix_sliding_window_prefill(cache_mod, spec)
+    for name, kernel in replaced_kernels(spec).items():
+        (gv,) = [gv for gv in cache_mod.get_global_vars() if gv.name_hint == name]
+        cache_mod[gv] = kernel.with_attrs(cache_mod[gv].attrs)
     functions = {gv: func for gv, func in mod.functions_items() if gv.name_hint != ENTRY}
     functions.update(dict(cache_mod.functions_items()))
     return tvm.IRModule(functions, attrs=mod.attrs)
-
-
-def _fix_sliding_window_prefill(cache_mod: tvm.IRModule, spec: KVCacheSpec) -> tvm.IRModule:
-    """``cache_mod`` with TVM's CPU sliding-window prefill kernel replaced by ours (same name, same
-    signature); see :mod:`relaxlm.passes.sliding_window_attention` for what is wrong with TVM's."""
-    (gv,) = [gv for gv in cache_mod.get_global_vars() if gv.name_hint == PAGED_PREFILL_SLIDING_CPU]
-    ours = paged_prefill_sliding_window_cpu(spec.num_kv_heads, spec.num_q_heads, spec.head_dim, spec.dtype,
-                                            window=spec.sliding_window or _NO_WINDOW)
-    cache_mod[gv] = ours.with_attrs(cache_mod[gv].attrs)
-    return cache_mod

@@ -55,8 +55,10 @@ class Manifest:
     quantization: str
     model_dtype: str
     target: str
-    # The runtime device kind the library runs on (``cpu``, ``cuda``, ``metal`` …).
+    # The runtime device kind the library runs on (``cpu``, ``cuda``, ``metal`` …), and where it
+    # runs when that is not relaxlm's Python runtime (a WebGPU library runs in a browser).
     device: str
+    runs_in: str | None
     library: str
     library_sha256: str
     # llvm libraries: the CPU the code was generated for and the instruction-set features it may

@@ -40,21 +40,16 @@ _BEGIN_FORWARD = _builtin("kv_state_begin_forward")
 _END_FORWARD = _builtin("kv_state_end_forward")
 _COMMIT_TREE = _builtin("attention_kv_cache_commit_accepted_token_tree_nodes")
 
-DEVICES = {"cpu": tvm.cpu, "cuda": tvm.cuda, "metal": tvm.metal, "vulkan": tvm.vulkan}
-
-
-def _device(requested: str, compiled_for: str) -> tvm.runtime.Device:
-    kind = compiled_for if requested == "auto" else requested
-    kind, _, index = kind.partition(":")
-    if kind != compiled_for:
-        raise ArtifactError(f"this artifact was compiled for {compiled_for}, not {kind}; recompile with --target")
-    if kind not in DEVICES:
-        raise ArtifactError(
-            f"this artifact was compiled for {compiled_for}, which relaxlm's Python runtime cannot run "
-            "(a webgpu artifact runs in a browser through TVM's web runtime)"
-        )
+def _device(requested: str, manifest: Manifest) -> tvm.runtime.Device:
+    """The device to run on: ``auto`` (or ``kind[:index]``, which must be the artifact's kind)."""
+    if manifest.runs_in:
+        raise ArtifactError(f"this artifact was compiled for {manifest.target}, which runs in {manifest.runs_in}, "
+                            "not in relaxlm's Python runtime")
+    kind, _, index = (manifest.device if requested == "auto" else requested).partition(":")
+    if kind != manifest.device:
+        raise ArtifactError(f"this artifact was compiled for {manifest.device}, not {kind}; recompile with --target")
     _load_device_runtime(kind)
-    device = DEVICES[kind](int(index or 0))
+    device = tvm.runtime.device(kind, int(index or 0))
     if not device.exist:
         raise ArtifactError(f"no {kind} device is available on this machine")
     return device
@@ -126,7 +121,7 @@ class Model:
         manifest = Manifest.read(path)
         check_cpu_features(path, manifest)
         verify_files(path, manifest)
-        bound = _device(device, manifest.device)
+        bound = _device(device, manifest)
         library = _load_library(path, manifest)
         self._bind(path, manifest, library, _load_params(path, manifest, bound), bound, max_batch_size,
                    max_total_tokens)
@@ -137,7 +132,7 @@ class Model:
         """A model from a library and weights already in memory (the compiler's calibration build),
         on the device its manifest names; ``path`` holds the tokenizer."""
         model = cls.__new__(cls)
-        bound = _device("auto", manifest.device)
+        bound = _device("auto", manifest)
         model._bind(Path(path), manifest, library, [tvm.runtime.tensor(p, bound) for p in params], bound,
                     max_batch_size, max_total_tokens)
         return model

@@ -22,7 +22,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
 from tvm.relax.backend.cuda import pipeline as cuda_backend
 from tvm.relax.backend.gpu_generic import pipeline as gpu_backend
 
-from . import cpu_schedules, gpu
+from . import cpu_attention, cpu_schedules, gpu
 from .cpu_features import cpu_features
 from .errors import TargetError
 
@@ -38,7 +38,6 @@ class TargetRecipe:
     # TVM's backend pipeline module for this device: its library dispatch, dataflow lowering and
     # finalisation passes (tvm.relax.backend.<backend>.pipeline).
     backend: ModuleType
-    device: str
     compute_dtype: str
     default_quantization: str
     # ``lib.so`` loads where it was built for; ``lib.tar`` holds objects that the machine that
@@ -51,9 +50,19 @@ class TargetRecipe:
         executable.export_library(str(path)))
     # The architecture this recipe builds for, set by :func:`resolve`.
     arch: str | None = None
+    # The runtime device kind its libraries run on (TVM's name; default: the target's name).
+    device: str = ""
+    # Where its libraries run when that is not relaxlm's Python runtime (recorded in the manifest).
+    runs_in: str | None = None
+    # Kernels of TVM's paged KV cache it replaces at export: (KV-cache spec) -> {name: PrimFunc}.
+    kv_cache_kernels: Callable[[object], dict] = lambda _spec: {}
     # Whether its paged KV cache masks the cached keys of sliding-window layers exactly when a
     # call appends many tokens (relaxlm's CPU kernel does; TVM's GPU kernels are unverified).
     exact_sliding_window_prefill: bool = False
+
+    def __post_init__(self):
+        if not self.device:
+            object.__setattr__(self, "device", self.name)
 
     def export_library(self, executable, directory) -> str:
         """Write the compiled library into ``directory``; returns its file name."""
@@ -92,20 +101,24 @@ _gpu_recipe = functools.partial(
     default_quantization="q4f16_1",
 )
 
+# The target that builds for this machine's CPU (what runs here whatever the machine has).
+HOST = "llvm"
+
 TARGETS: dict[str, TargetRecipe] = {
     "llvm": TargetRecipe(
         name="llvm",
         description="this machine's CPU (llvm:portable or llvm:<LLVM CPU name> for an artifact to copy)",
         make_target=_llvm,
-        # Our own NT-matmul rule (the projections that dominate decode); everything else stays
-        # unscheduled. dlight's CPU rules (cpu.GEMV, cpu.Reduction) are not used: they made a tiny
-        # model build 8x slower and did not finish SmolLM2-135M in 5 minutes.
+        # relaxlm's own rules: the projections, the KV cache's attention and qkv split, and the
+        # injective kernels (targets.cpu_schedules). dlight's CPU rules (cpu.GEMV, cpu.Reduction)
+        # are not used: they make the build many times slower, too slow for a real model.
         schedule_rules=cpu_schedules.cpu_rules,
         backend=cpu_backend,
         device="cpu",
         compute_dtype="float32",
         default_quantization="q4f32_1",
         library_file="lib.so",
+        kv_cache_kernels=cpu_attention.kv_cache_kernels,
         exact_sliding_window_prefill=True,
     ),
     "cuda": _gpu_recipe(
@@ -113,7 +126,6 @@ TARGETS: dict[str, TargetRecipe] = {
         description="an NVIDIA GPU (cuda:sm_75 ... cuda:sm_90; default: this machine's GPU)",
         make_target=gpu.cuda_target,
         backend=cuda_backend,
-        device="cuda",
         library_file="lib.so",
         default_arch=gpu.cuda_default_arch,
         exporter=gpu.export_cuda,
@@ -122,7 +134,6 @@ TARGETS: dict[str, TargetRecipe] = {
         name="metal",
         description="an Apple-silicon GPU (metal:m1, metal:m2; default m1, which runs on all)",
         make_target=gpu.metal_target,
-        device="metal",
         library_file="lib.tar",
         default_arch=lambda: "m1",
     ),
@@ -130,18 +141,17 @@ TARGETS: dict[str, TargetRecipe] = {
         name="vulkan",
         description="a Vulkan GPU (needs a TVM built with Vulkan)",
         make_target=gpu.vulkan_target,
-        device="vulkan",
         library_file="lib.so",
     ),
     "webgpu": _gpu_recipe(
         name="webgpu",
         description="WebGPU in a browser, through TVM's web runtime",
         make_target=gpu.webgpu_target,
-        device="webgpu",
         # WGSL's f16 is an optional device feature (shader-f16); fp32 runs everywhere.
         compute_dtype="float32",
         default_quantization="q0f32",
         library_file="lib.tar",
+        runs_in="a browser, through TVM's web runtime",
     ),
 }
 
@@ -183,7 +193,7 @@ def best_local() -> str:
         return "metal"
     if tvm.vulkan(0).exist and tvm.get_global_func("target.build.vulkan", allow_missing=True) is not None:
         return "vulkan"
-    return "llvm"
+    return HOST
 
 
 def resolve(name: str) -> ResolvedTarget:
@@ -200,4 +210,4 @@ def resolve(name: str) -> ResolvedTarget:
     return ResolvedTarget(name=f"{kind}:{arch}" if arch else kind, recipe=recipe, target=recipe.tvm_target())
 
 
-__all__ = ["TARGETS", "ResolvedTarget", "TargetError", "TargetRecipe", "best_local", "resolve"]
+__all__ = ["HOST", "TARGETS", "ResolvedTarget", "TargetError", "TargetRecipe", "best_local", "resolve"]

@@ -4,16 +4,13 @@ in place of the kernels they replace, with the same parameters and results.
 - :func:`group_gemv_cpu` and :func:`group_gemm_cpu`: projections with 4-bit group-quantized
   weights (``passes.quantization``), for one activation row (decode) and for several (prefill).
 - :func:`split_qkv_cpu`: TVM's KV-cache kernel that splits the fused qkv, without its RoPE.
-- :func:`decode_attention_cpu` and :func:`ragged_prefill_attention_cpu`: two attention kernels of
-  TVM's paged KV cache, which in TVM run one query head after another with scalar code and
-  rescale the output after every key: here (query, head) pairs run in parallel, ``q . k`` is
-  vectorised and the online softmax rescales once per :data:`KEY_TILE` keys.
+
+The attention kernels are in :mod:`.cpu_attention`.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 from tvm import tirx
 from tvm.script import tirx as T
@@ -205,169 +202,6 @@ def group_gemm_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype
 
 
 
-# Keys per step of the attention kernels' online softmax (a page of TVM's cache).
-KEY_TILE = 16
-# TVM's "minus infinity" for running maxima: exp2 of (it - a real score) is exactly 0 in float32.
-_NEG = -5e4
-_LOG2_E = math.log2(math.e)
-# Slots of the attention kernels' ``state`` buffer: running max, its update, softmax sum, rescale.
-_MAX, _NEW_MAX, _SUM, _RESCALE = 0, 1, 2, 3
-
-
-@T.macro
-def _start(o, state):
-    # As in TVM's kernels: with no keys the output is 0 and the lse -5e4.
-    state[_MAX] = _NEG
-    state[_SUM] = 1.0
-    for i in T.vectorized(o.shape[0]):
-        o[i] = 0.0
-
-
-@T.macro
-def _attend(q_row, keys, values, n, sm_scale, o, partial, score, state):
-    """Online softmax over ``n`` keys and values (rows of ``keys``/``values``): vectorised dot
-    products into ``score``, then one rescale of ``o`` and the weighted values."""
-    state[_NEW_MAX] = state[_MAX]
-    for key in T.serial(n):
-        for lane in T.vectorized(F32_LANES):
-            partial[lane] = 0.0
-        for c in T.serial(o.shape[0] // F32_LANES):
-            for lane in T.vectorized(F32_LANES):
-                partial[lane] += (T.Cast("float32", q_row[c * F32_LANES + lane])
-                                  * T.Cast("float32", keys[key, c * F32_LANES + lane]))
-        score[key] = 0.0
-        for lane in T.serial(F32_LANES):
-            score[key] += partial[lane]
-        score[key] *= sm_scale * _LOG2_E
-        state[_NEW_MAX] = T.max(state[_NEW_MAX], score[key])
-    state[_RESCALE] = T.exp2(state[_MAX] - state[_NEW_MAX])
-    state[_SUM] *= state[_RESCALE]
-    for i in T.vectorized(o.shape[0]):
-        o[i] *= state[_RESCALE]
-    for key in T.serial(n):
-        score[key] = T.exp2(score[key] - state[_NEW_MAX])
-        state[_SUM] += score[key]
-        for i in T.vectorized(o.shape[0]):
-            o[i] += score[key] * T.Cast("float32", values[key, i])
-    state[_MAX] = state[_NEW_MAX]
-
-
-@T.macro
-def _finish(o, state, out_row, lse, row, h):
-    for i in T.vectorized(o.shape[0]):
-        out_row[i] = T.Cast(out_row.dtype, o[i] / state[_SUM])
-    lse[row, h] = state[_MAX] + T.log2(state[_SUM])
-
-
-def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFunc:
-    """One query per sequence over its cached keys, with TVM's signature and results (output and
-    log2-sum-exp per head). Each (sequence, head) is one parallel task, which attends to one page
-    of keys at a time. relaxlm applies RoPE in the model (``RopeMode.NONE``): ``rotary_mode`` is 0."""
-    group, page_size = h_q // h_kv, KEY_TILE
-
-    @T.prim_func(s_tir=True)
-    def batch_decode_paged_kv_cpu(
-        var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle, var_page_values: T.handle,
-        var_length_info: T.handle, var_k_rope_pos_offset: T.handle, var_q_rope_position: T.handle,
-        var_output: T.handle, var_lse: T.handle,
-        rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
-    ):
-        batch_size, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32()
-        q = T.match_buffer(var_q, (batch_size, h_q, d), dtype)
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, d), dtype)
-        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", offset_factor=1)
-        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", offset_factor=1)
-        last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32", offset_factor=1)
-        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", offset_factor=1)
-        T.match_buffer(var_q_rope_position, (batch_size,), "int32", offset_factor=1)
-        output = T.match_buffer(var_output, (batch_size, h_q, d), dtype)
-        lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
-        T.Assert(rotary_mode == 0, "relaxlm's CPU attention expects RoPE applied by the model")
-        for task in T.parallel(batch_size * h_q):
-            with T.sblock("attn"):
-                T.reads(q[0:batch_size, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d],
-                        page_indptr[0:batch_size + 1], page_values[0:nnz_pages], last_page_len[0:batch_size])
-                T.writes(output[0:batch_size, 0:h_q, 0:d], lse[0:batch_size, 0:h_q])
-                o = T.sblock_alloc_buffer((d,), "float32")
-                partial = T.sblock_alloc_buffer((F32_LANES,), "float32")
-                score = T.sblock_alloc_buffer((page_size,), "float32")
-                state = T.sblock_alloc_buffer((4,), "float32")
-                b: T.let[T.int32] = task // h_q
-                h: T.let[T.int32] = task % h_q
-                begin: T.let[T.int32] = page_indptr[b]
-                num_pages: T.let[T.int32] = page_indptr[b + 1] - begin
-                _start(o, state)
-                for p in T.serial(num_pages):
-                    page: T.let[T.int32] = page_values[begin + p]
-                    keys = T.decl_buffer((page_size, d), dtype, data=pages.data,
-                                         elem_offset=((page * 2 + 0) * h_kv + h // group) * page_size * d)
-                    values = T.decl_buffer((page_size, d), dtype, data=pages.data,
-                                           elem_offset=((page * 2 + 1) * h_kv + h // group) * page_size * d)
-                    _attend(T.decl_buffer((d,), dtype, data=q.data, elem_offset=task * d), keys, values,
-                            T.if_then_else(p == num_pages - 1, last_page_len[b], page_size), sm_scale,
-                            o, partial, score, state)
-                _finish(o, state, T.decl_buffer((d,), dtype, data=output.data, elem_offset=task * d), lse, b, h)
-
-    return batch_decode_paged_kv_cpu
-
-
-def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFunc:
-    """The queries of a prefill chunk over the chunk's own keys (causal when the runtime says so),
-    with TVM's signature and results. Each (query, head) is one parallel task, which attends to
-    :data:`KEY_TILE` keys at a time and skips the masked ones (exactly 0 in TVM's kernel)."""
-    group, tile = h_q // h_kv, KEY_TILE
-
-    @T.prim_func(s_tir=True)
-    def batch_prefill_ragged_kv(
-        var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle, var_kv_indptr: T.handle,
-        var_q_rope_position: T.handle, var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
-        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
-    ):
-        batch_size, qo_len, kv_len = T.int32(), T.int32(), T.int32()
-        q = T.match_buffer(var_q, (qo_len, h_q, d), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", offset_factor=1)
-        k = T.match_buffer(var_k, (kv_len, h_kv, d), dtype)
-        v = T.match_buffer(var_v, (kv_len, h_kv, d), dtype)
-        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", offset_factor=1)
-        T.match_buffer(var_q_rope_position, (qo_len,), "int32", offset_factor=1)
-        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", offset_factor=1)
-        output = T.match_buffer(var_output, (qo_len, h_q, d), dtype)
-        lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
-        T.Assert(rotary_mode == 0, "relaxlm's CPU attention expects RoPE applied by the model")
-        for task in T.parallel(qo_len * h_q):
-            with T.sblock("attn"):
-                T.reads(q[0:qo_len, 0:h_q, 0:d], k[0:kv_len, 0:h_kv, 0:d], v[0:kv_len, 0:h_kv, 0:d],
-                        q_indptr[0:batch_size + 1], kv_indptr[0:batch_size + 1])
-                T.writes(output[0:qo_len, 0:h_q, 0:d], lse[0:qo_len, 0:h_q])
-                o = T.sblock_alloc_buffer((d,), "float32")
-                partial = T.sblock_alloc_buffer((F32_LANES,), "float32")
-                score = T.sblock_alloc_buffer((tile,), "float32")
-                state = T.sblock_alloc_buffer((4,), "float32")
-                seq = T.sblock_alloc_buffer((1,), "int32")
-                row: T.let[T.int32] = task // h_q
-                h: T.let[T.int32] = task % h_q
-                # The query's sequence: the last one starting at or before it (empty ones included).
-                seq[0] = 0
-                for i in T.serial(batch_size):
-                    if q_indptr[i] <= row:
-                        seq[0] = i
-                begin: T.let[T.int32] = kv_indptr[seq[0]]
-                # Causal: the chunk's queries end where its keys end, each sees the keys up to its own.
-                limit: T.let[T.int32] = T.if_then_else(causal > 0, kv_indptr[seq[0] + 1] - q_indptr[seq[0] + 1] + row + 1,
-                                                       kv_indptr[seq[0] + 1]) - begin
-                _start(o, state)
-                for t in T.serial(T.ceildiv(limit, tile)):
-                    keys = T.decl_buffer((tile, d), dtype, data=k.data, strides=[h_kv * d, 1],
-                                         elem_offset=((begin + t * tile) * h_kv + h // group) * d)
-                    values = T.decl_buffer((tile, d), dtype, data=v.data, strides=[h_kv * d, 1],
-                                           elem_offset=((begin + t * tile) * h_kv + h // group) * d)
-                    _attend(T.decl_buffer((d,), dtype, data=q.data, elem_offset=task * d), keys, values,
-                            T.min(tile, limit - t * tile), sm_scale, o, partial, score, state)
-                _finish(o, state, T.decl_buffer((d,), dtype, data=output.data, elem_offset=task * d), lse, row, h)
-
-    return batch_prefill_ragged_kv
-
-
 # Tokens above which the qkv split runs in parallel (one decode token does not pay for the pool).
 _SPLIT_PARALLEL_TOKENS = 16
 
@@ -409,5 +243,4 @@ def split_qkv_cpu(h_q: int, h_kv: int, d: int, dtype: str) -> tirx.PrimFunc:
     return fused_rope
 
 
-__all__ = ["GROUP_MATMUL_PARAMS", "decode_attention_cpu", "gemm_block_rows", "group_gemm_cpu", "group_gemv_cpu",
-           "ragged_prefill_attention_cpu", "split_qkv_cpu"]
+__all__ = ["GROUP_MATMUL_PARAMS", "gemm_block_rows", "group_gemm_cpu", "group_gemv_cpu", "split_qkv_cpu"]

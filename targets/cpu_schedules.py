@@ -1,5 +1,5 @@
 """CPU schedule rules for the ``llvm`` target: which kernels get which schedule, or which
-hand-written kernel of :mod:`.cpu_kernels` in their place.
+hand-written kernel of :mod:`.cpu_kernels` or :mod:`.cpu_attention` in their place.
 
 TVM's llvm build applies no schedule of its own, and dlight's ``cpu.GEMV`` vectorises across
 output rows (strided gathers) while compiling slowly. The rules, most specific first:
@@ -26,9 +26,9 @@ from tvm.s_tir.dlight.base import try_inline, try_inline_contiguous_spatial
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .cpu_kernels import (F32_LANES, GEMV_BLOCK, GROUP_MATMUL_PARAMS, KEY_TILE, PACKED_LANES, decode_attention_cpu,
-                          gemm_block_rows, group_gemm_cpu, group_gemv_cpu, largest_divisor,
-                          ragged_prefill_attention_cpu, split_qkv_cpu)
+from .cpu_attention import KEY_TILE, decode_attention_cpu, ragged_prefill_attention_cpu
+from .cpu_kernels import (F32_LANES, GEMV_BLOCK, GROUP_MATMUL_PARAMS, PACKED_LANES, gemm_block_rows, group_gemm_cpu,
+                          group_gemv_cpu, largest_divisor, split_qkv_cpu)
 
 # Output rows per parallel task of the row-wise dot products (decode).
 _ROWS_PER_TASK = 16

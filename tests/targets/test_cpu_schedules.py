@@ -256,3 +256,57 @@ def test_injective_kernels_become_one_loop_nest(target, rows):
     np.testing.assert_allclose(run(sch.mod["main"], target, [x], (1, rows, 768)),
                                run(func, target, [x], (1, rows, 768)), rtol=1e-6, atol=1e-6)
     assert Injective().apply(nt_matmul(1, 48, 64), target, False) is None
+
+
+def sliding_attention_reference(q, q_indptr, pages, page_indptr, page_values, length_info, causal, window, sm_scale):
+    """numpy: each query of a chunk over its sequence's cached keys, as TVM's mask says (the last
+    ``window - 1 - i`` keys for query i when causal, all otherwise), key p at page position p below
+    the sinks and p - sinks + window start above."""
+    rows, h_q, d = q.shape
+    h_kv, page_size = pages.shape[2], pages.shape[3]
+    out, lse = np.zeros((rows, h_q, d), "float32"), np.full((rows, h_q), -5e4, "float32")
+    for b in range(len(q_indptr) - 1):
+        seq_pages = page_values[page_indptr[b]:page_indptr[b + 1]]
+        last, start, sinks = length_info[:, b]
+        kv_len = (len(seq_pages) - 1) * page_size + last - start + sinks if len(seq_pages) else 0
+        for i, row in enumerate(range(q_indptr[b], q_indptr[b + 1])):
+            first = max(kv_len - max(window - i - 1, 0), 0) if causal else 0
+            where = [p if p < sinks else p - sinks + start for p in range(first, kv_len)]
+            if not where:
+                continue
+            for h in range(h_q):
+                keys = np.stack([pages[seq_pages[w // page_size], 0, h // (h_q // h_kv), w % page_size] for w in where])
+                values = np.stack([pages[seq_pages[w // page_size], 1, h // (h_q // h_kv), w % page_size] for w in where])
+                scores = keys.astype(np.float64) @ q[row, h] * sm_scale * np.log2(np.e)
+                weights = np.exp2(scores - scores.max())
+                out[row, h] = weights @ values / weights.sum()
+                lse[row, h] = scores.max() + np.log2(weights.sum())
+    return out, lse
+
+
+@pytest.mark.parametrize("causal", [1, 0])
+@pytest.mark.parametrize("q_lengths, kv_pages, length_info", [
+    # Cached keys 20 and 7 (last pages of 4 and 7), no sinks: window 8 masks most of the first.
+    ([3, 5], [2, 1], [[4, 7], [0, 0], [0, 0]]),
+    # A sequence without cached keys beside one of 40.
+    ([2, 4], [0, 3], [[0, 8], [0, 0], [0, 0]]),
+    # The window starts 5 keys into the pages, after 2 attention-sink keys: two ranges of pages.
+    ([6], [2], [[12], [5], [2]]),
+])
+def test_sliding_window_prefill_attention_matches_numpy(target, q_lengths, kv_pages, length_info, causal):
+    """relaxlm's kernel for the cached keys of a model with sliding-window layers (TVM's reads
+    uninitialised memory there) against numpy, with TVM's mask and page layout."""
+    from relaxlm.targets.cpu_attention import paged_prefill_sliding_window_cpu
+
+    window, rows = 8, sum(q_lengths)
+    rng = np.random.default_rng(0)
+    pages = rng.standard_normal((sum(kv_pages) + 2, 2, 3, 16, 64), dtype="float32")
+    page_values = rng.permutation(sum(kv_pages) + 2)[: sum(kv_pages)].astype("int32")
+    arrays = [rng.standard_normal((rows, 9, 64), dtype="float32"), np.cumsum([0, *q_lengths]).astype("int32"),
+              pages, np.cumsum([0, *kv_pages]).astype("int32"), page_values, np.array(length_info, "int32"),
+              np.zeros(len(q_lengths), "int32"), np.zeros(rows, "int32")]
+    kernel = paged_prefill_sliding_window_cpu(3, 9, 64, "float32", window)
+    (out, lse), = attention_results([kernel], target, arrays, rows, causal, 0, 1.0, 1e4, 0.125)
+    expected_out, expected_lse = sliding_attention_reference(*arrays[:6], causal, window, 0.125)
+    np.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse, expected_lse, rtol=1e-6, atol=1e-5)

@@ -1,0 +1,294 @@
+"""Hand-written CPU attention kernels for TVM's paged KV cache on the ``llvm`` target, with the
+signatures and results (output and log2-sum-exp per head) of the kernels they replace.
+
+TVM's CPU kernels run one query head after another with scalar code and rescale the output after
+every key. Here each (query, head) pair is a parallel task, ``q . k`` is vectorised and the online
+softmax (:func:`_start`, :func:`_attend`, :func:`_finish`, shared by every kernel) rescales once
+per :data:`KEY_TILE` keys.
+
+- :func:`decode_attention_cpu`: one query per sequence over its cached keys.
+- :func:`ragged_prefill_attention_cpu`: a prefill chunk's queries over the chunk's own keys.
+- :func:`paged_prefill_sliding_window_cpu`: a prefill chunk's queries over the cached keys when
+  the model has sliding-window layers. TVM's kernel for this reads uninitialised memory when a
+  query's first cached key is masked (its running max stays unset) and rescales with an index out
+  of bounds, so its logits are wrong; this one attends each query's visible keys, one range.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len
+from tvm.script import tirx as T
+
+from .cpu_kernels import F32_LANES
+
+# Keys per step of the online softmax (a page of TVM's cache).
+KEY_TILE = 16
+# TVM's "minus infinity" for running maxima: exp2 of (it - a real score) is exactly 0 in float32.
+_NEG = -5e4
+_LOG2_E = math.log2(math.e)
+# Slots of the ``state`` buffer: running max, its update, softmax sum, rescale.
+_MAX, _NEW_MAX, _SUM, _RESCALE = 0, 1, 2, 3
+# The name TIRPagedKVCache gives the kernel paged_prefill_sliding_window_cpu replaces.
+PAGED_PREFILL_SLIDING_CPU = "batch_prefill_paged_kv_cpu_sliding_window"
+
+
+def _softmax_buffers(d: int, tile: int):
+    """One task's working buffers: the output row, lane partial sums, a tile's scores, the state."""
+    return (T.sblock_alloc_buffer((d,), "float32"), T.sblock_alloc_buffer((F32_LANES,), "float32"),
+            T.sblock_alloc_buffer((tile,), "float32"), T.sblock_alloc_buffer((4,), "float32"))
+
+
+@T.macro
+def _start(o, state):
+    # As in TVM's kernels: with no keys the output is 0 and the lse -5e4.
+    state[_MAX] = _NEG
+    state[_SUM] = 1.0
+    for i in T.vectorized(o.shape[0]):
+        o[i] = 0.0
+
+
+@T.macro
+def _attend(q_row, keys, values, n, sm_scale, o, partial, score, state):
+    """Online softmax over ``n`` keys and values (rows of ``keys``/``values``): vectorised dot
+    products into ``score``, then one rescale of ``o`` and the weighted values."""
+    state[_NEW_MAX] = state[_MAX]
+    for key in T.serial(n):
+        for lane in T.vectorized(F32_LANES):
+            partial[lane] = 0.0
+        for c in T.serial(o.shape[0] // F32_LANES):
+            for lane in T.vectorized(F32_LANES):
+                partial[lane] += (T.Cast("float32", q_row[c * F32_LANES + lane])
+                                  * T.Cast("float32", keys[key, c * F32_LANES + lane]))
+        score[key] = 0.0
+        for lane in T.serial(F32_LANES):
+            score[key] += partial[lane]
+        score[key] *= sm_scale * _LOG2_E
+        state[_NEW_MAX] = T.max(state[_NEW_MAX], score[key])
+    state[_RESCALE] = T.exp2(state[_MAX] - state[_NEW_MAX])
+    state[_SUM] *= state[_RESCALE]
+    for i in T.vectorized(o.shape[0]):
+        o[i] *= state[_RESCALE]
+    for key in T.serial(n):
+        score[key] = T.exp2(score[key] - state[_NEW_MAX])
+        state[_SUM] += score[key]
+        for i in T.vectorized(o.shape[0]):
+            o[i] += score[key] * T.Cast("float32", values[key, i])
+    state[_MAX] = state[_NEW_MAX]
+
+
+@T.macro
+def _attend_pages(q_row, pages, page_values, begin, kv_head, first, end, sm_scale, o, partial, score, state):
+    """:func:`_attend` over the cached keys at positions ``first`` to ``end`` (exclusive) in a
+    sequence's pages (``page_values[begin:]``), a page's part at a time."""
+    # pages: (pages, 2 for keys and values, kv heads, page size, head dim)
+    for p in T.serial(first // pages.shape[3], T.ceildiv(end, pages.shape[3])):
+        page: T.let[T.int32] = page_values[begin + p]
+        lo: T.let[T.int32] = T.max(first, p * pages.shape[3]) - p * pages.shape[3]
+        hi: T.let[T.int32] = T.min(end, (p + 1) * pages.shape[3]) - p * pages.shape[3]
+        keys = T.decl_buffer((pages.shape[3], pages.shape[4]), pages.dtype, data=pages.data, elem_offset=(
+            ((page * 2 + 0) * pages.shape[2] + kv_head) * pages.shape[3] + lo) * pages.shape[4])
+        values = T.decl_buffer((pages.shape[3], pages.shape[4]), pages.dtype, data=pages.data, elem_offset=(
+            ((page * 2 + 1) * pages.shape[2] + kv_head) * pages.shape[3] + lo) * pages.shape[4])
+        _attend(q_row, keys, values, hi - lo, sm_scale, o, partial, score, state)
+
+
+@T.macro
+def _finish(o, state, out_row, lse, row, h):
+    for i in T.vectorized(o.shape[0]):
+        out_row[i] = T.Cast(out_row.dtype, o[i] / state[_SUM])
+    lse[row, h] = state[_MAX] + T.log2(state[_SUM])
+
+
+def _whole(*buffers):
+    """Each buffer's whole region, for an sblock's reads and writes."""
+    return [buffer[tuple(slice(0, n) for n in buffer.shape)] for buffer in buffers]
+
+
+def _row(buffer, row: int, d: int):
+    """Row ``row`` (of ``d`` values) of a (rows, heads, d) buffer flattened over rows and heads."""
+    return T.decl_buffer((d,), buffer.dtype, data=buffer.data, elem_offset=row * d)
+
+
+def _paged_cache(var_pages, var_page_indptr, var_page_values, var_length_info, batch_size, h_kv: int,
+                 page_size: int, d: int, dtype: str, sliding: bool):
+    """The paged cache's buffers: the pages (page, keys or values, kv head, position, d), where each
+    sequence's page numbers start, the page numbers, and the length info (the last page's length;
+    with ``sliding`` also where the window starts in the pages and the attention sinks)."""
+    return (T.match_buffer(var_pages, (T.int32(), 2, h_kv, page_size, d), dtype),
+            T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", offset_factor=1),
+            T.match_buffer(var_page_values, (T.int32(),), "int32", offset_factor=1),
+            _declare_length_info(var_length_info, batch_size, sliding, T.int32()))
+
+
+@T.macro
+def _no_rope(var_k_rope_pos_offset, var_q_rope_position, rotary_mode, batch_size, rows):
+    """The RoPE inputs of TVM's signature stay unread: relaxlm applies RoPE in the model."""
+    T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", offset_factor=1)
+    T.match_buffer(var_q_rope_position, (rows,), "int32", offset_factor=1)
+    T.Assert(rotary_mode == 0, "relaxlm's CPU attention expects RoPE applied by the model")
+
+
+def _results(var_output, var_lse, rows, h_q: int, d: int, dtype: str):
+    """The output rows and their log2-sum-exp per head."""
+    return T.match_buffer(var_output, (rows, h_q, d), dtype), T.match_buffer(var_lse, (rows, h_q), "float32")
+
+
+# pylint: disable=invalid-name,unused-argument,too-many-arguments,too-many-locals
+def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFunc:
+    """One query per sequence over its cached keys. Each (sequence, head) is one parallel task,
+    which attends to one page of keys at a time. relaxlm applies RoPE in the model
+    (``RopeMode.NONE``): ``rotary_mode`` is 0."""
+    group, page_size = h_q // h_kv, KEY_TILE
+
+    @T.prim_func(s_tir=True)
+    def batch_decode_paged_kv_cpu(
+        var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle, var_page_values: T.handle,
+        var_length_info: T.handle, var_k_rope_pos_offset: T.handle, var_q_rope_position: T.handle,
+        var_output: T.handle, var_lse: T.handle,
+        rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        batch_size = T.int32()
+        q = T.match_buffer(var_q, (batch_size, h_q, d), dtype)
+        pages, page_indptr, page_values, last_page_len = _paged_cache(
+            var_pages, var_page_indptr, var_page_values, var_length_info, batch_size, h_kv, page_size, d, dtype, False)
+        output, lse = _results(var_output, var_lse, batch_size, h_q, d, dtype)
+        _no_rope(var_k_rope_pos_offset, var_q_rope_position, rotary_mode, batch_size, batch_size)
+        for task in T.parallel(batch_size * h_q):
+            with T.sblock("attn"):
+                T.reads(_whole(q, pages, page_indptr, page_values, last_page_len))
+                T.writes(_whole(output, lse))
+                o, partial, score, state = _softmax_buffers(d, page_size)
+                b: T.let[T.int32] = task // h_q
+                begin: T.let[T.int32] = page_indptr[b]
+                length: T.let[T.int32] = (page_indptr[b + 1] - begin - 1) * page_size + last_page_len[b]
+                _start(o, state)
+                _attend_pages(_row(q, task, d), pages, page_values, begin, task % h_q // group, 0, length, sm_scale,
+                              o, partial, score, state)
+                _finish(o, state, _row(output, task, d), lse, b, task % h_q)
+
+    return batch_decode_paged_kv_cpu
+
+
+def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFunc:
+    """The queries of a prefill chunk over the chunk's own keys (causal when the runtime says so).
+    Each (query, head) is one parallel task, which attends to :data:`KEY_TILE` keys at a time and
+    skips the masked ones (exactly 0 in TVM's kernel)."""
+    group, tile = h_q // h_kv, KEY_TILE
+
+    @T.prim_func(s_tir=True)
+    def batch_prefill_ragged_kv(
+        var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle, var_kv_indptr: T.handle,
+        var_q_rope_position: T.handle, var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
+        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        batch_size, qo_len, kv_len = T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(var_q, (qo_len, h_q, d), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", offset_factor=1)
+        k = T.match_buffer(var_k, (kv_len, h_kv, d), dtype)
+        v = T.match_buffer(var_v, (kv_len, h_kv, d), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", offset_factor=1)
+        output, lse = _results(var_output, var_lse, qo_len, h_q, d, dtype)
+        _no_rope(var_k_rope_pos_offset, var_q_rope_position, rotary_mode, batch_size, qo_len)
+        for task in T.parallel(qo_len * h_q):
+            with T.sblock("attn"):
+                T.reads(_whole(q, k, v, q_indptr, kv_indptr))
+                T.writes(_whole(output, lse))
+                o, partial, score, state = _softmax_buffers(d, tile)
+                seq = T.sblock_alloc_buffer((1,), "int32")
+                row: T.let[T.int32] = task // h_q
+                h: T.let[T.int32] = task % h_q
+                _sequence_of(q_indptr, row, seq)
+                begin: T.let[T.int32] = kv_indptr[seq[0]]
+                # Causal: the chunk's queries end where its keys end, each sees the keys up to its own.
+                limit: T.let[T.int32] = T.if_then_else(causal > 0, kv_indptr[seq[0] + 1] - q_indptr[seq[0] + 1] + row + 1,
+                                                       kv_indptr[seq[0] + 1]) - begin
+                _start(o, state)
+                for t in T.serial(T.ceildiv(limit, tile)):
+                    keys = T.decl_buffer((tile, d), dtype, data=k.data, strides=[h_kv * d, 1],
+                                         elem_offset=((begin + t * tile) * h_kv + h // group) * d)
+                    values = T.decl_buffer((tile, d), dtype, data=v.data, strides=[h_kv * d, 1],
+                                           elem_offset=((begin + t * tile) * h_kv + h // group) * d)
+                    _attend(_row(q, task, d), keys, values, T.min(tile, limit - t * tile), sm_scale, o, partial, score,
+                            state)
+                _finish(o, state, _row(output, task, d), lse, row, h)
+
+    return batch_prefill_ragged_kv
+
+
+@T.macro
+def _sequence_of(q_indptr, row, seq):
+    """The sequence of query ``row``: the last one starting at or before it (empty ones included)."""
+    seq[0] = 0
+    for i in T.serial(q_indptr.shape[0] - 1):
+        if q_indptr[i] <= row:
+            seq[0] = i
+
+
+def paged_prefill_sliding_window_cpu(h_kv: int, h_q: int, d: int, dtype: str, window: int,
+                                     page_size: int = KEY_TILE) -> tirx.PrimFunc:
+    """The queries of a prefill chunk over the cached keys, for a model with sliding-window layers:
+    when the runtime passes ``causal`` (a sliding layer) query ``i`` of the chunk sees the last
+    ``window - 1 - i`` cached keys (the chunk's own keys are the ragged kernel's), otherwise (a
+    full layer) all of them. Each (query, head) is one parallel task over one range of keys, in
+    two pieces where the cache keeps attention-sink keys before the window."""
+    group = h_q // h_kv
+
+    @T.prim_func(s_tir=True)
+    def batch_prefill_paged_kv_cpu_sliding_window(
+        var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
+        var_page_values: T.handle, var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
+        var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle,
+        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        batch_size, total_len = T.int32(), T.int32()
+        q = T.match_buffer(var_q, (total_len, h_q, d), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", offset_factor=1)
+        pages, page_indptr, page_values, length_info = _paged_cache(
+            var_pages, var_page_indptr, var_page_values, var_length_info, batch_size, h_kv, page_size, d, dtype, True)
+        output, lse = _results(var_output, var_lse, total_len, h_q, d, dtype)
+        _no_rope(var_k_rope_pos_offset, var_q_rope_position, rotary_mode, batch_size, total_len)
+        for task in T.parallel(total_len * h_q):
+            with T.sblock("attn"):
+                T.reads(_whole(q, q_indptr, pages, page_indptr, page_values, length_info))
+                T.writes(_whole(output, lse))
+                o, partial, score, state = _softmax_buffers(d, page_size)
+                seq = T.sblock_alloc_buffer((1,), "int32")
+                row: T.let[T.int32] = task // h_q
+                _sequence_of(q_indptr, row, seq)
+                b: T.let[T.int32] = seq[0]
+                begin: T.let[T.int32] = page_indptr[b]
+                kv_len: T.let[T.int32] = T.if_then_else(
+                    page_indptr[b + 1] != begin,
+                    _get_kv_chunk_len(page_indptr[b + 1] - begin, page_size, b, length_info, True), 0)
+                # TVM's mask (_causal_or_sliding_cross_mask): the keys from here to kv_len.
+                first: T.let[T.int32] = T.if_then_else(
+                    causal > 0, T.max(kv_len - T.max(window - (row - q_indptr[b]) - 1, 0), 0), 0)
+                # Key position p lies in the pages at p below the sinks, at p - sinks + window start above.
+                sinks: T.let[T.int32] = length_info[2, b]
+                shift: T.let[T.int32] = length_info[1, b] - sinks
+                kv_head: T.let[T.int32] = task % h_q // group
+                _start(o, state)
+                _attend_pages(_row(q, task, d), pages, page_values, begin, kv_head, T.min(first, sinks),
+                              T.min(kv_len, sinks), sm_scale, o, partial, score, state)
+                _attend_pages(_row(q, task, d), pages, page_values, begin, kv_head, T.max(first, sinks) + shift,
+                              T.max(kv_len, sinks) + shift, sm_scale, o, partial, score, state)
+                _finish(o, state, _row(output, task, d), lse, row, task % h_q)
+
+    return batch_prefill_paged_kv_cpu_sliding_window
+
+
+def kv_cache_kernels(spec) -> dict[str, tirx.PrimFunc]:
+    """The kernels of TVM's paged KV cache that the llvm target replaces at export, by name (the
+    others are replaced by schedule rules, which see their shapes; this one needs the window)."""
+    if not spec.sliding_window:
+        return {}
+    kernel = paged_prefill_sliding_window_cpu(spec.num_kv_heads, spec.num_q_heads, spec.head_dim, spec.dtype,
+                                              spec.sliding_window)
+    return {PAGED_PREFILL_SLIDING_CPU: kernel}
+
+
+__all__ = ["KEY_TILE", "PAGED_PREFILL_SLIDING_CPU", "decode_attention_cpu", "kv_cache_kernels",
+           "paged_prefill_sliding_window_cpu", "ragged_prefill_attention_cpu"]
