@@ -227,15 +227,15 @@ def chat(artifact, system, verbose, max_tokens, device, seed, **sampling):
 @click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True,
               help="Timed runs after one warm-up (median).")
 @click.option("--compare", multiple=True, type=click.Choice(["llama.cpp", "transformers"]),
-              help="Also time this engine on the same model (repeatable).")
+              help="Also time this runner on the same model (repeatable).")
 @click.option("--source", default=None,
               help="What the comparisons load: the HF directory, .gguf file or bundled alias the artifact was "
                    "compiled from (default: the one its manifest records).")
-@click.option("--threads", type=int, default=None, help="CPU threads for every engine (default: TVM_NUM_THREADS).")
+@click.option("--threads", type=int, default=None, help="CPU threads for every runner (default: TVM_NUM_THREADS).")
 @click.option("--device", default="auto", show_default=True, help="Where relaxlm runs (the comparisons run on the CPU).")
 @reports_errors
 def bench(artifact, prompt_len, gen_len, runs, compare, source, threads, device):
-    """Time prefill and decode of a compiled ARTIFACT (tokens/s, batch 1), optionally against other engines."""
+    """Time prefill and decode of a compiled ARTIFACT (tokens/s, batch 1), optionally against other runners."""
     from relaxlm.runtime import load
     from relaxlm.runtime.bench import bench as run_bench
     from relaxlm.runtime.bench import check_comparisons, configure_threads, format_table

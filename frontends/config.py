@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 from .errors import FrontendError
+from .hf_config import HFConfigReader
 from .rope import RopeParameters, rope_from_dict, rope_parameters_from_hf
 
 # Keys that never change the math of inference (bookkeeping, training, generation defaults).
@@ -21,38 +22,6 @@ _INERT_KEYS = frozenset(
     problem_type _name_or_path _model_name_or_path tokenizer_class vocab_file pretraining_tp
     tie_encoder_decoder torchscript pruned_heads max_length""".split()
 )
-
-
-class HFConfigReader:
-    """Reads keys from a HF config dict and remembers which ones were used."""
-
-    def __init__(self, hf: dict[str, Any], family: str):
-        self.hf = dict(hf)
-        self.family = family
-        self.used: set[str] = set()
-
-    def get(self, key: str, default: Any = dataclasses.MISSING) -> Any:
-        """The value of ``key``; a missing key without a default is a clear error."""
-        self.used.add(key)
-        value = self.hf.get(key)
-        if value is None:
-            if default is dataclasses.MISSING:
-                raise FrontendError(f"{self.family} config.json has no '{key}'; is this a {self.family} model?")
-            return default
-        return value
-
-    def require(self, key: str, allowed: tuple, default: Any = None) -> Any:
-        """Like :meth:`get`, but a value outside ``allowed`` is an unsupported-feature error."""
-        value = self.get(key, default)
-        if value not in allowed:
-            raise FrontendError(
-                f"{self.family}: {key}={value!r} is not supported (supported: {', '.join(map(repr, allowed))})"
-            )
-        return value
-
-    def extra(self) -> dict[str, Any]:
-        """The keys nobody read: kept with the config, never interpreted."""
-        return {k: v for k, v in self.hf.items() if k not in self.used}
 
 
 @dataclasses.dataclass

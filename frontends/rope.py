@@ -1,8 +1,9 @@
 """Rotary position embedding parameters, computed exactly as transformers computes them.
 
 relaxlm applies RoPE itself (see ``layers.Rotations``) instead of inside TVM's KV-cache kernels:
-those know only one base per model and get yarn wrong (TVM_NOTES trap 1), while Gemma 3 needs a
-base per layer kind and OLMo 3 needs yarn. Here each variant is just a table of inverse
+those know only one base per model and get yarn wrong (their ramp runs over the element index
+instead of the pair index, without transformers' truncation or attention factor), while Gemma 3
+needs a base per layer kind and OLMo 3 needs yarn. Here each variant is just a table of inverse
 frequencies plus a scale of cos/sin, built once at export time.
 """
 
@@ -10,14 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .errors import FrontendError
-
-if TYPE_CHECKING:
-    from .config import HFConfigReader
+from .hf_config import HFConfigReader
 
 # Keys that transformers folds into rope_parameters, besides rope_type itself.
 _ROPE_KEYS = {
@@ -117,7 +116,7 @@ def rope_from_dict(params: dict[str, Any], family: str, default_theta: float = 1
     return RopeParameters(rope_type, float(params.get("rope_theta", default_theta)), scaling)
 
 
-def rope_parameters_from_hf(r: "HFConfigReader", default_theta: float = 10000.0) -> RopeParameters:
+def rope_parameters_from_hf(r: HFConfigReader, default_theta: float = 10000.0) -> RopeParameters:
     """The model-wide RoPE of a HF config, from either transformers 5's ``rope_parameters`` or the
     older ``rope_theta`` + ``rope_scaling`` pair."""
     params = dict(r.get("rope_parameters", None) or {})

@@ -1,9 +1,9 @@
 """Prefill and decode speed of a compiled artifact, optionally against llama.cpp and transformers.
 
-Every engine runs the same work: prefill ``prompt_len`` token ids (drawn with a fixed seed), then
+Every runner does the same work: prefill ``prompt_len`` token ids (drawn with a fixed seed), then
 ``gen_len`` greedy decode steps. One warm-up round, then ``runs`` rounds; within a round the
-engines take turns, so that noise from the (shared) machine hits all of them alike. Each speed
-is the median over the rounds. Every engine gets the same number of threads as TVM's pool.
+runners take turns, so that noise from the (shared) machine hits all of them alike. Each speed
+is the median over the rounds. Every runner gets the same number of threads as TVM's pool.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ class BenchError(Exception):
 
 
 def configure_threads(threads: int | None) -> None:
-    """Ask TVM's thread pool for ``threads`` threads, and stop it pinning the main thread (which
-    threads that torch starts later would inherit, TVM_NOTES trap 5). Takes effect only before
-    TVM's pool first runs in this process."""
+    """Ask TVM's thread pool for ``threads`` threads, and stop it pinning the main thread to a
+    core (threads that torch starts later would inherit the pin and share that core). Takes effect
+    only before TVM's pool first runs in this process."""
     if threads is not None:
         if threads < 1:
             raise BenchError(f"--threads must be at least 1, not {threads}")
@@ -43,8 +43,8 @@ def tvm_threads() -> int:
     return int(tvm.get_global_func("runtime.NumThreads")())
 
 
-# ---- engines -----------------------------------------------------------------------------------
-class Engine:
+# ---- runners -----------------------------------------------------------------------------------
+class Runner:
     """One way of running the model: ``prefill`` a prompt into a fresh state, then ``decode``."""
 
     name: str
@@ -62,7 +62,7 @@ class Engine:
         """Release the state of the last prompt."""
 
 
-class RelaxlmEngine(Engine):
+class RelaxlmRunner(Runner):
     """The compiled artifact."""
 
     def __init__(self, model: Model):
@@ -85,7 +85,7 @@ class RelaxlmEngine(Engine):
             self.seq = None
 
 
-class LlamaCppEngine(Engine):
+class LlamaCppRunner(Runner):
     """llama-cpp-python running the GGUF file, on the CPU."""
 
     def __init__(self, gguf: Path, threads: int, context: int):
@@ -112,7 +112,7 @@ class LlamaCppEngine(Engine):
         return self._next()
 
 
-class TransformersEngine(Engine):
+class TransformersRunner(Runner):
     """Hugging Face transformers in float32 on the CPU, from a HF directory or the GGUF file."""
 
     def __init__(self, source: Path, threads: int):
@@ -182,24 +182,24 @@ def source_of(model: Model, source: str | os.PathLike | None = None) -> Path:
     )
 
 
-def _comparison(name: str, source: Path) -> Callable[[int, int], Engine]:
-    """How to build engine ``name`` from ``source`` (given threads and context); checks up front
+def _comparison(name: str, source: Path) -> Callable[[int, int], Runner]:
+    """How to build runner ``name`` from ``source`` (given threads and context); checks up front
     that the source suits it, so that a mismatch fails before anything slow has started."""
     if name == "llama.cpp":
         if source.suffix.lower() != ".gguf":
             raise BenchError(f"--compare llama.cpp needs a .gguf file, and {source} is not one; pass --source FILE.gguf")
-        return lambda threads, context: LlamaCppEngine(source, threads, context)
+        return lambda threads, context: LlamaCppRunner(source, threads, context)
     if source.is_dir() or source.suffix.lower() == ".gguf":
-        return lambda threads, context: TransformersEngine(source, threads)
+        return lambda threads, context: TransformersRunner(source, threads)
     raise BenchError(f"--compare transformers needs a HF directory or a .gguf file, not {source}")
 
 
 # ---- measuring ---------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class BenchRow:
-    """One engine's median speeds."""
+    """One runner's median speeds."""
 
-    engine: str
+    runner: str
     detail: str
     prefill_tps: float
     decode_tps: float
@@ -207,48 +207,48 @@ class BenchRow:
 
 @dataclasses.dataclass(frozen=True)
 class BenchResult:
-    """The setup and one row per engine; the first row is relaxlm."""
+    """The setup and one row per runner; the first row is relaxlm."""
 
     setup: dict[str, Any]
     rows: list[BenchRow]
 
 
-def _time_one(engine: Engine, prompt: list[int], gen_len: int) -> tuple[float, float]:
+def _time_one(runner: Runner, prompt: list[int], gen_len: int) -> tuple[float, float]:
     """Seconds for the prefill of ``prompt`` and for ``gen_len`` decode steps after it."""
     start = time.perf_counter()
-    token = engine.prefill(prompt)
+    token = runner.prefill(prompt)
     prefilled = time.perf_counter()
     for _ in range(gen_len):
-        token = engine.decode(token)
+        token = runner.decode(token)
     decoded = time.perf_counter()
-    engine.finish()
+    runner.finish()
     return prefilled - start, decoded - prefilled
 
 
-def measure(engines: list[Engine], prompt: list[int], gen_len: int, runs: int,
+def measure(runners: list[Runner], prompt: list[int], gen_len: int, runs: int,
             progress: Callable[[str], None] | None = None) -> list[BenchRow]:
-    """A warm-up round, then ``runs`` rounds with the engines interleaved; median speeds."""
-    times: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(engines))}
+    """A warm-up round, then ``runs`` rounds with the runners interleaved; median speeds."""
+    times: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(runners))}
     for round_ in range(runs + 1):
         if progress:
             progress("warm-up" if round_ == 0 else f"run {round_}/{runs}")
-        for i, engine in enumerate(engines):
-            seconds = _time_one(engine, prompt, gen_len)
+        for i, runner in enumerate(runners):
+            seconds = _time_one(runner, prompt, gen_len)
             if round_ > 0:
                 times[i].append(seconds)
     rows = []
-    for i, engine in enumerate(engines):
+    for i, runner in enumerate(runners):
         prefill = statistics.median(len(prompt) / p for p, _ in times[i])
         decode = statistics.median(gen_len / d for _, d in times[i])
-        rows.append(BenchRow(engine.name, engine.detail, prefill, decode))
+        rows.append(BenchRow(runner.name, runner.detail, prefill, decode))
     return rows
 
 
 def bench(model: Model, prompt_len: int = 128, gen_len: int = 64, runs: int = 5, compare: tuple[str, ...] = (),
           source: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None) -> BenchResult:
-    """Benchmark ``model`` (and each engine named in ``compare``: ``llama.cpp``, ``transformers``).
+    """Benchmark ``model`` (and each runner named in ``compare``: ``llama.cpp``, ``transformers``).
 
-    Call :func:`configure_threads` before the model is loaded; every engine then gets TVM's thread
+    Call :func:`configure_threads` before the model is loaded; every runner then gets TVM's thread
     count. ``source`` is the model file the comparisons load (see :func:`source_of`)."""
     for name, value, least in (("prompt length", prompt_len, 1), ("generation length", gen_len, 1), ("runs", runs, 1)):
         if value < least:
@@ -259,20 +259,20 @@ def bench(model: Model, prompt_len: int = 128, gen_len: int = 64, runs: int = 5,
     path = source_of(model, source) if compare else None
     builders = {name: _comparison(name, path) for name in compare}
     threads = tvm_threads()
-    engines: list[Engine] = [RelaxlmEngine(model)]
+    runners: list[Runner] = [RelaxlmRunner(model)]
     for name, build in builders.items():
         if progress:
             progress(f"loading {name} from {path}")
-        engines.append(build(threads, prompt_len + gen_len))
+        runners.append(build(threads, prompt_len + gen_len))
     prompt = np.random.default_rng(0).integers(0, model.vocab_size, size=prompt_len).tolist()
-    rows = measure(engines, prompt, gen_len, runs, progress)
+    rows = measure(runners, prompt, gen_len, runs, progress)
     setup = {"artifact": str(model.path), "threads": threads, "prompt_len": prompt_len, "gen_len": gen_len,
              "runs": runs, "cpus": os.cpu_count()}
     return BenchResult(setup, rows)
 
 
 def format_table(result: BenchResult) -> str:
-    """The result as a text table: speeds, and relaxlm's speed divided by each engine's."""
+    """The result as a text table: speeds, and relaxlm's speed divided by each runner's."""
     s = result.setup
     lines = [
         f"{s['artifact']}: prompt {s['prompt_len']} tokens, {s['gen_len']} decode steps, batch 1, "
@@ -281,7 +281,7 @@ def format_table(result: BenchResult) -> str:
     ]
     ours = result.rows[0]
     for row in result.rows:
-        label = f"{row.engine} ({row.detail})"
+        label = f"{row.runner} ({row.detail})"
         lines.append(f"{label:<46} {row.prefill_tps:>13.1f} {row.decode_tps:>12.1f} "
                      f"{ours.prefill_tps / row.prefill_tps:>17.2f} {ours.decode_tps / row.decode_tps:>16.2f}")
     return "\n".join(lines)

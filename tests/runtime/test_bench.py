@@ -26,7 +26,7 @@ def _bench(*args):
     return CliRunner().invoke(main, ["bench", *map(str, args)])
 
 
-def test_table_has_a_row_per_engine_with_positive_speeds_and_ratios(tiny):
+def test_table_has_a_row_per_runner_with_positive_speeds_and_ratios(tiny):
     result = _bench(tiny.artifact, "--prompt-len", 6, "--gen-len", 3, "--runs", 2, "--compare", "transformers",
                     "--source", tiny.hf_dir)
     assert result.exit_code == 0, result.output
