@@ -9,8 +9,6 @@ sums ``x_j²`` over the input of every kernel call that reads a weight, and the 
 the input of the logits weight. ``passes.quantization`` weighs each channel's squared error by
 the mean ``x_j²`` (the scale search then minimises the error of the layer's outputs rather than
 of its weights), and rounds the logits weight by GPTQ.
-On SmolLM2-135M at q4f32_1 that takes perplexity from 29% above q0f32 (21.02) to 15% (18.79):
-the importance alone to 19.19, GPTQ on the tied embedding the rest.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """A GGUF file's Hugging Face config and tokenizer, rebuilt from its metadata without PyTorch.
 
 transformers turns GGUF metadata into a config in ``load_gguf_checkpoint``, which refuses to run
-without torch and opens the file a second time (5-20 s: the token arrays). Its key tables and its
-tokenizer builders need neither, so this module hands them the fields of the ``gguf.GGUFReader``
-the source already holds, with the fix-ups transformers applies on top. The results are what
-``AutoConfig.from_pretrained(dir, gguf_file=name).to_dict()`` and
+without torch and opens the file a second time (slow: it reads the token arrays again). Its key
+tables and its tokenizer builders need neither, so this module hands them the fields of the
+``gguf.GGUFReader`` the source already holds, with the fix-ups transformers applies on top. The
+results are what ``AutoConfig.from_pretrained(dir, gguf_file=name).to_dict()`` and
 ``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` give (tests/frontends/test_gguf_metadata.py).
 """
 

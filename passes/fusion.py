@@ -33,9 +33,10 @@ def _patterns() -> list[tuple[relax.dpl.DFPattern, dict]]:
     for count in range(_MAX_EPILOGUES, -1, -1):
         node, annotations = matmul, {"dequantize": dequantize, "matmul": matmul}
         for i in range(count):
-            # One pattern with alternatives instead of one per argument position (3x faster on
-            # SmolLM2). Binary first: with the one-argument branch first, the matcher missed most
-            # residual adds (test_quantized_llama counts them).
+            # One pattern with alternatives rather than one per argument position: FuseOpsByPattern
+            # runs each pattern over the whole module, so fewer patterns compile faster. Binary
+            # first: with the one-argument branch first, the matcher misses most residual adds
+            # (test_quantized_llama counts them).
             args = TuplePattern([wildcard(), node]) | TuplePattern([node, wildcard()]) | TuplePattern([node])
             node = is_op("relax.call_tir")(GlobalVarPattern(), args)
             annotations[f"epilogue{i}"] = node

@@ -7,10 +7,9 @@ Group schemes (``q4f32_1``, ``q4f16_1``, ``q8f32_1``, ``q8f16_1``) follow MLC LL
 layout: groups of :data:`GROUP_SIZE` consecutive weights along the input dimension, ``32 // bits``
 codes packed into each uint32 (lowest bits first), one float16 scale per group and a fixed zero
 point ``z = 2**(bits-1) - 1`` (7, or 127). The 4-bit schemes depart from MLC in one place: the
-attention projections and ``down_proj`` (:data:`FINE_GROUP_LAYERS`, 44% of SmolLM2-135M's
-weights) have a scale per :data:`FINE_GROUP_SIZE` weights (0.625 bytes per weight instead of
-0.5625), because at 32 their rounding is what keeps a requantized GGUF far from its source (see
-below); the gate/up projection and the embedding keep groups of 32. A code ``q`` in
+attention projections and ``down_proj`` (:data:`FINE_GROUP_LAYERS`), whose rounding errors cost
+the most, have a scale per :data:`FINE_GROUP_SIZE` weights (0.625 bytes per weight instead of
+0.5625); the gate/up projection and the embedding keep groups of 32. A code ``q`` in
 ``0 .. 2**bits - 1`` stands for::
 
     w' = (q - z) * scale
@@ -18,15 +17,14 @@ below); the gate/up projection and the embedding keep groups of 32. A code ``q``
 so the levels are ``-z .. z + 1`` times the scale, and a negative scale mirrors them. Each group's
 scale is the one, among candidates around ``± max|w| / z``, with the least squared error
 (:meth:`GroupQuantization.best_scales`); MLC's plain ``max|w| / z`` is one of the candidates, so
-the error is never larger than its. Why search: the bundled GGUF weights are already on
-llama.cpp's asymmetric ``Q4_1`` grid, and plain absmax put SmolLM2-135M's perplexity 46% above the
-unquantized model; the search (the top level, the mirror and the refit) takes that to 29%, and
-with calibration (activation statistics, ``compiler.calibration``: each channel's error weighted by
-its mean ``x²``, and GPTQ for the logits weight) to 15%, and the groups of 16 (with a finer grid of
-candidates) to 8% (17.6 against 16.3; 13-14% on held-out text, from 17-18%). Groups of 16
-everywhere would weigh 0.613 bytes per parameter, over the 0.6 that 4-bit models are held to; of
-the layer sets that fit, the attention and down projections did best (the gate/up projection is
-half the linear weights, and the tied embedding gained nothing from it).
+the error is never larger than its. Why search: the weights of a GGUF source are often already on
+llama.cpp's asymmetric ``Q4_1`` grid, which plain absmax maps badly onto a symmetric one; trying
+other top levels, the mirrored grid and a least-squares refit recovers much of that loss.
+Calibration (activation statistics, ``compiler.calibration``) weighs each channel's error by its
+mean ``x²``, and rounds the logits weight by GPTQ. Groups of 16 everywhere would weigh more than
+the 0.6 bytes per parameter that 4-bit models are held to, so only some layers get them: the
+attention and down projections, not the gate/up projection (half the linear weights) nor the tied
+embedding (which gains nothing from finer groups).
 Scales are stored as float16 even when the model computes in float32: it keeps 4-bit weights at
 0.5625 bytes per parameter in groups of 32, 0.625 in groups of 16 (float32 scales would make them
 0.625 and 0.75).
@@ -56,8 +54,7 @@ FINE_GROUP_LAYERS = ("qkv_proj", "o_proj", "down_proj")
 Q_WEIGHT, Q_SCALE = "q_weight", "q_scale"
 SCALE_DTYPE = "float16"
 # Where the largest weight of a group may land, as fractions of the top level z + 1: candidates of
-# the scale search. Nine rather than four took SmolLM2-135M's q4f32_1 test perplexity from 17.96 to
-# 17.63 (+17 s of conversion); an earlier grid of 31 did no better than four without calibration.
+# the scale search, densest near the top. Each one costs the search a pass over every weight.
 _TOP_LEVEL_FRACTIONS = np.array([0.7, 0.75, 0.8, 0.85, 0.875, 0.9, 0.9375, 0.97, 1.0], np.float32)
 # The least weight a channel has in an importance-weighted search, relative to the mean.
 _MIN_CHANNEL_WEIGHT = 1e-6
@@ -162,8 +159,8 @@ class GroupQuantization(QuantizationScheme):
         """The float16 scale of each group (rows, groups, group size) with the least squared
         error (weighted by ``weights`` (groups, group size) if given): among ``± max|w| / t`` for
         a few ``t`` up to the top level ``z + 1``, each also refitted by least squares to the
-        codes it gives, and MLC's ``max|w| / z`` rounded up. Rows go in chunks that stay in cache
-        (it halves the time of the search)."""
+        codes it gives, and MLC's ``max|w| / z`` rounded up. Rows go in chunks whose temporaries
+        stay in cache."""
         weights = np.ones(groups.shape[1:], np.float32) if weights is None else weights
         rows_per_chunk = max(1, _CHUNK_ELEMENTS // (groups.shape[1] * groups.shape[2]))
         return np.concatenate([self._search(groups[r:r + rows_per_chunk], weights)
@@ -236,7 +233,7 @@ class GroupQuantization(QuantizationScheme):
 
 
 # GPTQ adds this to H's diagonal, as a fraction of its mean: keeps the inverse well conditioned where
-# calibration saw little energy (0.1 did best of 0.01 / 0.1 / 0.3 / 1 on SmolLM2's embedding).
+# calibration saw little energy.
 GPTQ_DAMPING = 0.1
 
 

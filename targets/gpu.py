@@ -9,9 +9,9 @@ Three things about TVM 0.27 (the PyPI wheel) shape this file:
 - Without the NVIDIA driver (``libcuda.so.1``) TVM cannot load its CUDA runtime, and the CUDA module
   it builds carries CUDA *source* only. :func:`export_cuda` compiles that source with ``nvcc`` into
   a fatbin for the requested architecture (SASS plus PTX) and embeds the fatbin instead, so the
-  ``.so`` loads on any machine with the driver, without a CUDA compiler there. (Checked: ``sm_90``
-  artifacts built without a GPU ran on an H100 with a runtime-only TVM; see
-  ``tests/gpu/device_check.py``.)
+  ``.so`` loads on any machine with the driver, without a CUDA compiler there
+  (``tests/gpu/device_check.py`` builds artifacts without a GPU and runs them on one with a
+  runtime-only TVM).
 - The wheel has no Vulkan code generator: the ``vulkan`` target checks for it at run time.
 """
 
@@ -45,7 +45,7 @@ class Matmul(gpu.Matmul):
     configuration as every CUDA arch), a generic GPU (``webgpu``; dlight's default configuration,
     which is also Metal's) for Metal. Past that choice the rule reads nothing from the target.
     The ``dlight.do_not_tensorize`` attribute would also stop the CUDA crash, but only after
-    ``MatmulTensorization`` imports ``tvm.s_tir.tensor_intrin`` — over a minute of CPU, per process.
+    ``MatmulTensorization`` imports ``tvm.s_tir.tensor_intrin``, which is slow, in every process.
     """
 
     def apply(self, func, target, tunable):
