@@ -3,8 +3,8 @@ words (w0 system, w1 user, w2 assistant, w3 end of a message) so the word tokeni
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import TinySpec
 from llama_specs import BASE
+from support import TinySpec
 
 TEMPLATE = ("{% for m in messages %}{{ {'system': 'w0', 'user': 'w1', 'assistant': 'w2'}[m['role']] }} "
             "{{ m['content'] }} w3 {% endfor %}{% if add_generation_prompt %}w2{% endif %}")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TinyModel, relative_error
+from support import TinyModel, relative_error
 
 # fp32 logits against transformers.
 TOLERANCE = 1e-4

@@ -3,8 +3,8 @@
 import torch
 from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig
 
-from conftest import VOCAB, TinySpec
 from family_checks import randomize_norms
+from support import VOCAB, TinySpec
 
 # Window 8 < the 20 positions of the tests; sliding layers and the global layer get very different
 # RoPE bases; the softmax scale (query_pre_attn_scalar) differs from head_dim ** -0.5; weights large

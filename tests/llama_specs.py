@@ -3,7 +3,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import VOCAB, TinySpec
+from support import VOCAB, TinySpec
 
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128,
             bos_token_id=1, eos_token_id=2)

@@ -4,8 +4,8 @@ import torch
 from transformers import (Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OlmoConfig,
                           OlmoForCausalLM)
 
-from conftest import VOCAB, TinySpec
 from family_checks import randomize_norms
+from support import VOCAB, TinySpec
 
 # GQA (4 query heads, 2 kv heads: OLMo 2's k_norm is then half q_norm's size); weights large enough
 # (initializer_range) that clip_qkv clamps and attention is far from uniform.

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import relative_error
 from llama_specs import LLAMA_SPECS
 from relaxlm.compiler import calibration, compile_model
 from relaxlm.compiler import compile as compile_module
 from relaxlm.passes import get_scheme
 from relaxlm.runtime import load
 from relaxlm.runtime.artifact import CONFIG_FILE
+from support import relative_error
 
 LENGTH = 20
 # The module parameter each HF layer's input feeds, per decoder layer (q/k/v share the input of

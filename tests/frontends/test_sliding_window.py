@@ -6,10 +6,10 @@ crossing the window. Window 8, page size 16: chunks start at every offset in the
 import numpy as np
 import pytest
 
-from conftest import relative_error
 from family_checks import TOLERANCE
 from gemma3_specs import GEMMA3_SPECS
 from olmo_specs import OLMO_SPECS
+from support import relative_error
 
 WINDOW = 8
 SPECS = {"gemma3": GEMMA3_SPECS["sliding_global_softcap"], "olmo3": OLMO_SPECS["olmo3_sliding_yarn"]}

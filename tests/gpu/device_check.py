@@ -58,7 +58,7 @@ QUESTION = "What is the capital of France?"
 
 def prepare(out: Path, arch: str) -> None:
     sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "gpu")]
-    from conftest import _build
+    from support import build_tiny_model
     from family_checks import PROMPT
     from test_cuda import SPECS
 
@@ -79,7 +79,7 @@ def prepare(out: Path, arch: str) -> None:
         print(f"{name}: {reference_name} tokens {tokens}", flush=True)
 
     for family, spec in SPECS.items():
-        tiny = _build(spec, work)
+        tiny = build_tiny_model(spec, work)
         for quantization in ("q0f32", "q4f16_1"):
             cuda = compile_model(tiny.hf_dir, target=f"cuda:{arch}", quantization=quantization,
                                  output=out / f"{family}-{quantization}-cuda")

@@ -4,8 +4,6 @@ references, themselves checked against transformers): the same greedy tokens.
 Tiny models at q0f32 (the same arithmetic, only summation order differs); SmolLM2-135M at q4f16_1
 against the llvm q4f16_1 artifact (same stored weights, fp16 compute) and at q0f16 against llvm
 q0f32. Skipped, with the reason, where TVM sees no CUDA device or there is no nvcc to build with.
-(The skip is here, not in a tests/gpu/conftest.py: a second ``conftest`` module would shadow the
-one the specs import.)
 
 Run on an H100 (sm_90) through ``device_check.py`` (artifacts built elsewhere, the same specs,
 prompt and token count): the tiny models' tokens equal the CPU's, and SmolLM2 q4f16_1 answers the

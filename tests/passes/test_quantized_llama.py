@@ -18,7 +18,6 @@ import tvm
 from tvm import relax, s_tir
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import relative_error, save_word_tokenizer
 from family_checks import CONTINUATION, PROMPT, TOLERANCE
 from llama_specs import BASE
 from relaxlm import frontends, passes
@@ -27,6 +26,7 @@ from relaxlm.frontends.weights import FUSED_PROJECTIONS
 from relaxlm.passes.pipeline import fusion_passes
 from relaxlm.runtime import load
 from relaxlm.targets import resolve
+from support import relative_error, save_word_tokenizer
 
 # Relative logit error against the float32 model. Absmax groups of 32 Gaussian weights have
 # max|w| ≈ 2.2σ, so the step is 2.2σ/7 (4 bits) or 2.2σ/127 (8 bits) and the rounding error's RMS

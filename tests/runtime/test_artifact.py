@@ -8,13 +8,13 @@ import shutil
 import pytest
 
 from cli_support import assert_one_line_error, run_cli
-from conftest import relative_error
 from llama_specs import LLAMA_SPECS
 from relaxlm.compiler import compile_model
 from relaxlm.runtime import ArtifactError, load
 from relaxlm.runtime.artifact import CONFIG_FILE, Manifest
 from relaxlm.runtime.host import cpu_flags
 from relaxlm.targets import resolve
+from support import relative_error
 
 # CPUs with features few machines have; the first whose features this machine lacks stands for
 # "the build machine was another one".

@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 
 from chat_specs import CHAT_SPEC
-from conftest import WORDS
 from llama_specs import LLAMA_SPECS
 from relaxlm.runtime import GenerationError, load
 from relaxlm.runtime.artifact import TokenizerInfo
 from relaxlm.runtime.chat import Conversation, check_can_chat
 from relaxlm.runtime.generation import prompt_tokens
 from relaxlm.runtime.sampling import chat_sampling
+from support import WORDS
 
 # Greedy, with the chat's repetition penalty over the last 64 tokens.
 SAMPLING = chat_sampling({}, temperature=0.0)

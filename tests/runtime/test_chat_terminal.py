@@ -12,8 +12,8 @@ import pytest
 
 from chat_specs import CHAT_SPEC
 from cli_support import assert_one_line_error, run_cli
-from conftest import WORDS
 from llama_specs import LLAMA_SPECS
+from support import WORDS
 
 PROMPT = ">>> "
 STATS = re.compile(r"prompt (\d+) tokens \((\d+) reused\) at [\d.]+ tokens/s, answer (\d+) tokens")

@@ -11,11 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import VOCAB, TinySpec
 from gemma3_specs import GEMMA3_SPECS
 from llama_specs import LLAMA_SPECS, llama
 from relaxlm.compiler.cli import main
 from relaxlm.runtime.perplexity import perplexity, perplexity_of_ids
+from support import VOCAB, TinySpec
 
 TOLERANCE = 1e-4
 TOKENS = np.random.default_rng(7).integers(3, VOCAB, size=90).tolist()

@@ -4,9 +4,9 @@ against transformers in tests/frontends)."""
 import numpy as np
 import pytest
 
-from conftest import relative_error
 from relaxlm.runtime import GenerationError
 from llama_specs import LLAMA_SPECS
+from support import relative_error
 
 # Batched kernels sum in a different order than single-sequence ones; this is float32 noise.
 TOLERANCE = 1e-5
