@@ -121,7 +121,8 @@ def compile_model(model: str | os.PathLike, target: str = "auto", quantization: 
     resolved = targets.resolve(target)
     scheme = passes.get_scheme(quantization or resolved.recipe.default_quantization)
     origin = frontends.locate(model).resolve()
-    out = Path(output) if output else default_output(_source_name(model, origin), scheme.name, resolved.name)
+    out = Path(output) if output else default_output(
+        str(model) if str(model) in frontends.BUNDLED else frontends.source_name(origin), scheme.name, resolved.name)
     check_replaceable(out, force)
     report = _Report(verbose)
     # A GGUF file takes seconds to read (its token arrays): say what is happening first. A HF
@@ -145,13 +146,6 @@ def compile_model(model: str | os.PathLike, target: str = "auto", quantization: 
             publish(staging, out)
     report.say(f"wrote {out} in {sum(report.seconds.values()):.1f} s")
     return out
-
-
-def _source_name(model: str | os.PathLike, origin: Path) -> str:
-    """The model's name in the default output: the alias, the directory's or the file's name."""
-    if str(model) in frontends.BUNDLED:
-        return str(model)
-    return origin.stem if origin.is_file() else origin.name
 
 
 def _request(source, origin, resolved, scheme, context_window, prefill_chunk, calibrate, debug_dump) -> _Request:

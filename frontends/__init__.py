@@ -14,7 +14,7 @@ from . import gemma3, llama, olmo
 from .causal_lm import ENTRY_POINTS, CausalLM, KVCacheSpec, export_spec
 from .config import ModelConfig
 from .errors import FrontendError
-from .sources import BUNDLED, ModelSource, TextModelSource, locate, open_source as _open_source
+from .sources import BUNDLED, ModelSource, TextModelSource, locate, open_source as _open_source, source_name
 from .weights import convert_weights
 
 
@@ -110,6 +110,7 @@ __all__ = [
     "family_for",
     "locate",
     "open_source",
+    "source_name",
     "supported_architectures",
     "tensor_fixup",
 ]

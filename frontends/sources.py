@@ -80,7 +80,7 @@ class HFDirectorySource(ModelSource):
 
     def __init__(self, path: Path):
         self.path = path
-        self.name = path.resolve().name
+        self.name = source_name(path)
         config_file = path / "config.json"
         if not config_file.is_file():
             raise FrontendError(f"{path} has no config.json; point relaxlm at a Hugging Face model directory")
@@ -134,7 +134,7 @@ class GGUFSource(ModelSource):
         import gguf
 
         self.path = path
-        self.name = path.stem
+        self.name = source_name(path)
         self._reader = gguf_metadata.open_reader(path)
         arch = self._metadata_str("general.architecture")
         if arch not in family_by_gguf_arch:
@@ -257,6 +257,11 @@ def resolve_bundled(alias: str) -> Path:
     if not path.is_file():
         raise FrontendError(f"bundled model '{alias}': {path} is missing; reinstall: {install}")
     return path
+
+
+def source_name(path: Path) -> str:
+    """A model's name: its directory's, or its file's without the extension."""
+    return path.stem if path.is_file() else path.resolve().name
 
 
 def locate(model: str | os.PathLike) -> Path:
