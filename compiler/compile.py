@@ -119,25 +119,36 @@ def compile_model(model: str | os.PathLike, target: str = "auto", quantization: 
         if value is not None and value <= 0:
             raise CompileError(f"{option} must be a positive number of tokens, not {value}")
     resolved = targets.resolve(target)
-    scheme = passes.get_scheme(quantization or resolved.recipe.default_quantization)
+    chosen = passes.get_scheme(quantization) if quantization else None
     origin = frontends.locate(model).resolve()
-    out = Path(output) if output else default_output(
-        str(model) if str(model) in frontends.BUNDLED else frontends.source_name(origin), scheme.name, resolved.name)
-    check_replaceable(out, force)
+    name = str(model) if str(model) in frontends.BUNDLED else frontends.source_name(origin)
+    out = Path(output) if output else None
+    # A GGUF's default scheme depends on its tensor types, known once it is read; the output is
+    # checked first whenever it is known, so that a refusal comes before seconds of reading.
+    if out is None and chosen is not None:
+        out = default_output(name, chosen.name, resolved.name)
+    if out is not None:
+        check_replaceable(out, force)
     report = _Report(verbose)
     # A GGUF file takes seconds to read (its token arrays): say what is happening first. A HF
     # directory's config reads at once, so its errors come before any line of progress.
     reads_slowly = origin.is_file()
     if reads_slowly:
-        report.say(f"compiling {model} for {resolved.name} at {scheme.name}")
+        report.say(f"compiling {model} for {resolved.name}" + (f" at {chosen.name}" if chosen else ""))
     with contextlib.ExitStack() as closing:
         start = time.perf_counter()
         source = frontends.open_source(model)
         closing.callback(source.close)
+        scheme = _bound_scheme(chosen or _default_scheme(source, resolved), source)
+        if out is None:
+            out = default_output(name, scheme.name, resolved.name)
+            check_replaceable(out, force)
         request = _request(source, origin, resolved, scheme, context_window, prefill_chunk, calibrate,
                            Path(debug_dump) if debug_dump else None)
         if not reads_slowly:
             report.say(f"compiling {model} for {resolved.name} at {scheme.name}")
+        elif chosen is None:
+            report.say(f"quantization: {scheme.name}")
         report.record("read", time.perf_counter() - start)
         report.say(f"{request.architecture}, {request.config.num_hidden_layers} layers, "
                    f"context {request.context_window}")
@@ -146,6 +157,25 @@ def compile_model(model: str | os.PathLike, target: str = "auto", quantization: 
             publish(staging, out)
     report.say(f"wrote {out} in {sum(report.seconds.values()):.1f} s")
     return out
+
+
+def _default_scheme(source: frontends.ModelSource, resolved: targets.ResolvedTarget) -> passes.QuantizationScheme:
+    """``gguf`` for a GGUF whose weights are all of block types it runs natively (or floats),
+    so that its own bits are kept; the target's default otherwise."""
+    gguf = passes.get_scheme("gguf")
+    if isinstance(source, frontends.GGUFSource) and gguf.runs_natively(source.weight_types()):
+        return gguf
+    return passes.get_scheme(resolved.recipe.default_quantization)
+
+
+def _bound_scheme(scheme: passes.QuantizationScheme, source: frontends.ModelSource) -> passes.QuantizationScheme:
+    """The ``gguf`` scheme bound to the source's tensor types; the others as they are."""
+    if not isinstance(scheme, passes.GGUFNative):
+        return scheme
+    if not isinstance(source, frontends.GGUFSource):
+        raise CompileError(f"quantization 'gguf' keeps a GGUF file's own blocks, but {source.name} is not a GGUF "
+                           "file; choose another quantization (q4f32_1, q8f32_1, q0f32 …)")
+    return scheme.for_source(source.tensor_info)
 
 
 def _request(source, origin, resolved, scheme, context_window, prefill_chunk, calibrate, debug_dump) -> _Request:
@@ -161,6 +191,8 @@ def _compile_into(r: _Request, staging: Path, report: _Report) -> None:
     """Every step of the compile, writing the artifact into ``staging``."""
     with report.phase("export"):
         exported = export(r)
+    for note in r.scheme.notes(exported.source_params):
+        report.say(note)
     with report.phase("build"):
         library = r.resolved.recipe.export_library(build(r, exported), staging)
     with report.phase("tokenizer"):
@@ -301,7 +333,7 @@ def _should_calibrate(r: _Request, exported: _Exported, report: _Report) -> bool
 
 def _converted(r: _Request, exported: _Exported) -> Iterator[tuple[str, Any]]:
     fixup = frontends.tensor_fixup(r.family, r.source, r.config)
-    return frontends.convert_weights(r.source, exported.source_params, fixup)
+    return frontends.convert_weights(r.source, exported.source_params, fixup, r.scheme.keeps_blocks)
 
 
 def _check_stored(key: str, stored, param, scheme) -> None:

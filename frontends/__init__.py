@@ -14,7 +14,7 @@ from . import gemma3, llama, olmo
 from .causal_lm import ENTRY_POINTS, CausalLM, KVCacheSpec, export_spec
 from .config import ModelConfig
 from .errors import FrontendError
-from .sources import BUNDLED, ModelSource, TextModelSource, locate, open_source as _open_source, source_name
+from .sources import BUNDLED, BlockTensor, GGUFSource, ModelSource, TextModelSource, locate, open_source as _open_source, source_name
 from .weights import convert_weights
 
 
@@ -85,8 +85,6 @@ def open_source(model) -> ModelSource:
 
 def tensor_fixup(family: Family, source: ModelSource, config: ModelConfig):
     """The per-tensor conventions to undo for this family and source format."""
-    from .sources import GGUFSource
-
     def fixup(name: str, tensor: np.ndarray) -> np.ndarray:
         if isinstance(source, GGUFSource):
             tensor = family.gguf_fixup(name, tensor, config)
@@ -97,11 +95,13 @@ def tensor_fixup(family: Family, source: ModelSource, config: ModelConfig):
 
 __all__ = [
     "BUNDLED",
+    "BlockTensor",
     "ENTRY_POINTS",
     "FAMILIES",
     "CausalLM",
     "Family",
     "FrontendError",
+    "GGUFSource",
     "KVCacheSpec",
     "ModelConfig",
     "ModelSource",

@@ -53,6 +53,15 @@ TOKENIZER_FILES = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockTensor:
+    """A GGUF tensor as the file stores it: ``data`` is its rows of ``ggml_type`` blocks, uint8
+    ``[rows, bytes per row]``."""
+
+    ggml_type: str
+    data: np.ndarray
+
+
 class ModelSource:
     """A model's config, tensors and tokenizer, whatever the file format."""
 
@@ -171,6 +180,23 @@ class GGUFSource(ModelSource):
             raise FrontendError(f"{self.path.name}: no tensor for '{hf_name}' (looked for '{gguf_name}')")
         t = self._tensors[gguf_name]
         return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+    def tensor_info(self, hf_name: str) -> tuple[str | None, int]:
+        """The GGUF type name of ``hf_name`` (``Q4_K``, ``F32``) and its rows; ``(None, 0)`` when
+        the file has no such tensor."""
+        t = self._tensors.get(self._gguf_name(hf_name))
+        if t is None:
+            return None, 0
+        return t.tensor_type.name, int(t.shape[-1]) if len(t.shape) > 1 else 1
+
+    def weight_types(self) -> set[str]:
+        """The GGUF types of the file's matrices (its 2-D tensors)."""
+        return {t.tensor_type.name for t in self._tensors.values() if len(t.shape) == 2}
+
+    def block_tensor(self, hf_name: str) -> BlockTensor:
+        """The 2-D tensor ``hf_name`` as its raw blocks (see :class:`BlockTensor`)."""
+        t = self._tensors[self._gguf_name(hf_name)]
+        return BlockTensor(t.tensor_type.name, np.asarray(t.data, dtype=np.uint8))
 
     def save_tokenizer(self, dest: Path) -> bool:
         with _quiet_transformers():

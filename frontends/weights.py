@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import FrontendError
-from .sources import ModelSource
+from .sources import BlockTensor, ModelSource
 
 FUSED_PROJECTIONS = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -33,12 +33,18 @@ def convert_weights(
     source: ModelSource,
     params: list[tuple[str, tuple[int, ...], str]],
     fixup: TensorFixup,
-) -> Iterator[tuple[str, np.ndarray]]:
+    keeps_blocks: Callable[[str, tuple[int, ...]], bool] | None = None,
+) -> Iterator[tuple[str, np.ndarray | list[BlockTensor]]]:
     """Yield ``(param_name, array)`` for every ``(name, shape, dtype)`` the module declares.
 
     ``fixup(hf_name, tensor)`` applies a family's tensor conventions (layout, offsets) first.
+    A parameter for which ``keeps_blocks(name, shape)`` holds is yielded as the GGUF blocks of its
+    HF parts instead (a list of :class:`BlockTensor`, see :func:`_block_parts`).
     """
     for name, shape, dtype in params:
+        if keeps_blocks is not None and keeps_blocks(name, shape):
+            yield name, _block_parts(source, name, shape, fixup)
+            continue
         parts = [fixup(hf, source.tensor(hf)) for hf in hf_names(name)]
         array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         if tuple(array.shape) != tuple(shape):
@@ -47,3 +53,20 @@ def convert_weights(
                 "config.json and the weights do not belong together"
             )
         yield name, array.astype(dtype)
+
+
+def _block_parts(source, name: str, shape: tuple[int, ...], fixup: TensorFixup) -> list[BlockTensor]:
+    """The raw blocks of each HF part of ``name``. A fixup may only reorder whole rows there
+    (llama.cpp's q/k permutation): rows of blocks can be moved, not computed on."""
+    parts = []
+    for hf in hf_names(name):
+        block = source.block_tensor(hf)
+        rows = fixup(hf, block.data)
+        if rows.dtype != np.uint8 or rows.shape != block.data.shape:
+            raise FrontendError(f"{hf}: the family's conversion of this weight needs its values; "
+                                "compile with a quantization other than gguf")
+        parts.append(BlockTensor(block.ggml_type, rows))
+    if sum(len(p.data) for p in parts) != shape[0]:
+        raise FrontendError(f"weight '{name}' has {sum(len(p.data) for p in parts)} rows but the config implies "
+                            f"{shape[0]}; the config and the weights do not belong together")
+    return parts

@@ -4,6 +4,8 @@ target, fusion and scheduling."""
 from .errors import PassError
 from .kv_cache import dispatch_kv_cache
 from .pipeline import relax_pipeline
-from .quantization import SCHEMES, QuantizationScheme, get_scheme
+from .gguf_quantization import GGUFNative
+from .quantization import QuantizationScheme
+from .schemes import SCHEMES, get_scheme
 
-__all__ = ["SCHEMES", "PassError", "QuantizationScheme", "dispatch_kv_cache", "get_scheme", "relax_pipeline"]
+__all__ = ["SCHEMES", "GGUFNative", "PassError", "QuantizationScheme", "dispatch_kv_cache", "get_scheme", "relax_pipeline"]

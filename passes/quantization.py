@@ -1,7 +1,7 @@
 """Quantization schemes, named as users know them from MLC LLM (``q0f32``, ``q4f16_1`` …).
 
 A scheme says which dtype the model computes in and how each weight is stored. The registry
-:data:`SCHEMES` is the one place a new scheme is added.
+``passes.schemes.SCHEMES`` is the one place a new scheme is added.
 
 Group schemes (``q4f32_1``, ``q4f16_1``, ``q8f32_1``, ``q8f16_1``) follow MLC LLM's ``_1``
 layout: groups of :data:`GROUP_SIZE` consecutive weights along the input dimension, ``32 // bits``
@@ -79,6 +79,16 @@ class QuantizationScheme:
     def quantize_module(self, module: nn.Module) -> nn.Module:
         """Rewrite the module's layers for this scheme (unquantized schemes keep it as it is)."""
         return module
+
+    def notes(self, params: list[tuple[str, tuple[int, ...], str]]) -> list[str]:  # pylint: disable=unused-argument
+        """What the compile should tell the user about how these parameters ``(name, shape,
+        dtype)`` are stored, beyond the scheme's name."""
+        return []
+
+    def keeps_blocks(self, name: str, shape: tuple[int, ...]) -> bool:  # pylint: disable=unused-argument
+        """Whether the parameter is converted from the source's raw GGUF blocks rather than from
+        float32 values (only the ``gguf`` scheme's are)."""
+        return False
 
     def convert(self, name: str, array: np.ndarray, importance: np.ndarray | None = None,
                 hessian: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -357,7 +367,8 @@ class _Quantizer(nn.Mutator):
         return self.visit(name, node)
 
 
-def _group_scheme(bits: int, dtype: str) -> GroupQuantization:
+def group_scheme(bits: int, dtype: str) -> GroupQuantization:
+    """The ``q{bits}f{16,32}_1`` scheme."""
     short = {"float32": "f32", "float16": "f16"}[dtype]
     fine = FINE_GROUP_LAYERS if bits == 4 else ()
     groups = f"group {GROUP_SIZE}" + (f", {FINE_GROUP_SIZE} for {' / '.join(fine)}" if fine else "")
@@ -366,23 +377,3 @@ def _group_scheme(bits: int, dtype: str) -> GroupQuantization:
         f"{bits}-bit symmetric group quantization ({groups}; float16 scales), computing in {dtype}",
         bits=bits, fine_groups=fine,
     )
-
-
-SCHEMES: dict[str, QuantizationScheme] = {
-    scheme.name: scheme
-    for scheme in (
-        QuantizationScheme("q0f32", "float32", "no quantization, float32"),
-        QuantizationScheme("q0f16", "float16", "no quantization, float16"),
-        _group_scheme(4, "float32"),
-        _group_scheme(4, "float16"),
-        _group_scheme(8, "float32"),
-        _group_scheme(8, "float16"),
-    )
-}
-
-
-def get_scheme(name: str) -> QuantizationScheme:
-    """The scheme called ``name``; an unknown name is a :class:`PassError` listing the known ones."""
-    if name not in SCHEMES:
-        raise PassError(f"unknown quantization '{name}' (known: {', '.join(SCHEMES)})")
-    return SCHEMES[name]
