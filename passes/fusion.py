@@ -27,7 +27,8 @@ def _call_tir(*args) -> relax.dpl.DFPattern:
 
 def _patterns() -> list[tuple[relax.dpl.DFPattern, dict]]:
     """dequantize → matmul → up to two unary/binary epilogues, the longest first."""
-    dequantize = _call_tir(wildcard(), wildcard())
+    # A dequantize reads two arrays (codes and scales) or, in llama.cpp's block layouts, up to four.
+    dequantize = is_op("relax.call_tir")(GlobalVarPattern(), wildcard())
     matmul = _call_tir(wildcard(), dequantize)
     found = []
     for count in range(_MAX_EPILOGUES, -1, -1):

@@ -6,6 +6,8 @@ every bit: a layout splits a row of blocks into a few typed arrays (its *compone
 ``[rows, blocks * per_block]``) and :meth:`BlockLayout.join` puts them back byte for byte. The
 only change is that the K-quants' twelve bytes of 6-bit sub-block scales and mins are stored
 unpacked, one byte each (16 bytes per 256 weights instead of 12), so that no kernel unpacks them.
+Within a layout no two components share a dtype and a size per block, so a kernel knows each
+one by its buffer's dtype and shape alone.
 
 Every type computes a weight the same way, as the ``gguf`` package's ``dequantize`` does, in
 float32 and in the same order of operations::
@@ -55,10 +57,10 @@ class BlockLayout:
     scale: Callable[[Buffers, object, object, object], object]
     offset: Callable[[Buffers, object, object, object], object] | None = None
 
-    @property
-    def ggml_type(self) -> str:
-        """The name of the type in llama.cpp and the ``gguf`` package (``Q4_K``)."""
-        return self.name
+    def component_of(self, dtype: str, width: int, k: int) -> Component | None:
+        """The component stored as ``[rows, width]`` of ``dtype`` for rows of ``k`` weights."""
+        return next((c for c in self.components
+                     if c.dtype == dtype and c.per_block * (k // self.block) == width), None)
 
     def split(self, raw: np.ndarray) -> dict[str, np.ndarray]:
         """Raw rows ``[rows, blocks * type_size]`` uint8 → the components, each 2-D."""
@@ -148,12 +150,12 @@ Q4_0 = BlockLayout(
 
 Q4_1 = BlockLayout(
     "Q4_1", block=32, sub=32, type_size=20,
-    components=(Component("d", "float16", 1), Component("m", "float16", 1), Component("qs", "uint8", 16)),
-    split_block=lambda blk: {"d": _f16(blk, 0), "m": _f16(blk, 2), "qs": blk[..., 4:20]},
-    join_block=lambda p: _concat(p["d"], p["m"], p["qs"]),
+    components=(Component("dm", "float16", 2), Component("qs", "uint8", 16)),
+    split_block=lambda blk: {"dm": blk[..., 0:4].copy().view(np.float16), "qs": blk[..., 4:20]},
+    join_block=lambda p: _concat(p["dm"], p["qs"]),
     code=_low_high_nibble,
-    scale=lambda c, j, b, s: _half(c["d"][j, b]),
-    offset=lambda c, j, b, s: _half(c["m"][j, b]),
+    scale=lambda c, j, b, s: _half(c["dm"][j, b * 2]),
+    offset=lambda c, j, b, s: _half(c["dm"][j, b * 2 + 1]),
 )
 
 
@@ -208,8 +210,7 @@ def _k_nibble(c: Buffers, j, b, e):
 
 
 def _k_split(blk: np.ndarray, high_bits: bool) -> dict[str, np.ndarray]:
-    scales, mins = _unpack_k_scales(blk[..., 4:16])
-    parts = {"d": _f16(blk, 0), "dmin": _f16(blk, 2), "sc": scales, "mn": mins}
+    parts = {"dm": blk[..., 0:4].copy().view(np.float16), "scales": np.concatenate(_unpack_k_scales(blk[..., 4:16]), -1)}
     if high_bits:
         parts.update(qh=blk[..., 16:48], qs=blk[..., 48:176])
     else:
@@ -219,20 +220,21 @@ def _k_split(blk: np.ndarray, high_bits: bool) -> dict[str, np.ndarray]:
 
 def _k_join(p: dict[str, np.ndarray]) -> np.ndarray:
     bits = [p["qh"]] if "qh" in p else []
-    return _concat(p["d"], p["dmin"], _pack_k_scales(p["sc"], p["mn"]), *bits, p["qs"])
+    scales = p["scales"]
+    return _concat(p["dm"], _pack_k_scales(scales[..., :8], scales[..., 8:]), *bits, p["qs"])
 
 
-_K_SCALES = (Component("d", "float16", 1), Component("dmin", "float16", 1),
-             Component("sc", "uint8", 8), Component("mn", "uint8", 8))
+# d and dmin; then the 8 scales and the 8 mins, one byte each.
+_K_SCALES = (Component("dm", "float16", 2), Component("scales", "uint8", 16))
 
 
 def _k_scale(c: Buffers, j, b, s):
-    return _half(c["d"][j, b]) * c["sc"][j, b * 8 + s].astype("float32")
+    return _half(c["dm"][j, b * 2]) * c["scales"][j, b * 16 + s].astype("float32")
 
 
 def _k_offset(c: Buffers, j, b, s):
     # gguf computes d * q - dmin * m: the same bits as adding the negated product.
-    return -(_half(c["dmin"][j, b]) * c["mn"][j, b * 8 + s].astype("float32"))
+    return -(_half(c["dm"][j, b * 2 + 1]) * c["scales"][j, b * 16 + 8 + s].astype("float32"))
 
 
 Q4_K = BlockLayout(

@@ -3,6 +3,9 @@ in place of the kernels they replace, with the same parameters and results.
 
 - :func:`group_gemv_cpu` and :func:`group_gemm_cpu`: projections with 4-bit group-quantized
   weights (``passes.quantization``), for one activation row (decode) and for several (prefill).
+- :func:`block_gemv_cpu` and :func:`block_gemm_cpu`: the same for weights in llama.cpp's block
+  layouts (``passes.gguf_blocks``), generated from the layout's dequantize expressions; the
+  prefill kernels share one tiled multiply (:func:`_dequantized_gemm`).
 - :func:`split_qkv_cpu`: TVM's KV-cache kernel that splits the fused qkv, without its RoPE.
 
 The attention kernels are in :mod:`.cpu_attention`.
@@ -14,6 +17,10 @@ import functools
 
 from tvm import tirx
 from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as IB
+
+from relaxlm.passes.gguf_blocks import BlockLayout
 
 # float32 lanes of one AVX2 vector, and 4-bit codes per uint32: a vector of codes is one word.
 F32_LANES = PACKED_LANES = 8
@@ -119,8 +126,8 @@ def group_gemv_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype
 
 
 def gemm_block_rows(n: int) -> int | None:
-    """Weight rows per parallel task of :func:`group_gemm_cpu`: 64, or 32 where that leaves too
-    few tasks to share among the threads (576 rows: 18 tasks, not 9)."""
+    """Weight rows per parallel task of the prefill kernels: 64, or 32 where that leaves too few
+    tasks to share among the threads (576 rows: 18 tasks, not 9)."""
     for rows in (64, 32):
         if n % rows == 0 and (n // rows >= 16 or rows == 32):
             return rows
@@ -129,77 +136,180 @@ def gemm_block_rows(n: int) -> int | None:
 
 def group_gemm_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype: str, residual: bool) -> tirx.PrimFunc:
     """``out = x . dequantize(packed, scale)^T (+ residual)`` for any number of activation rows
-    (prefill), 4-bit codes as in :func:`group_gemv_cpu`, same parameters.
+    (prefill), 4-bit codes as in :func:`group_gemv_cpu`, same parameters (:func:`_dequantized_gemm`)."""
+    group, lanes = k // groups, PACKED_LANES
 
-    Each parallel task dequantizes a block of :func:`gemm_block_rows` weight rows once (in
-    order, vectorised) and multiplies every activation row with it in tiles of
-    :data:`_GEMM_TILE_ROWS` activation rows by :data:`_GEMM_TILE_COLS` weight rows: per 8 values
-    of ``k``, 6 + 2 vector loads feed 12 independent FMA chains that stay in registers, and each
-    of the 12 outputs is summed across its lanes at the end. Rows left over go one at a time."""
-    group, x_shape, out_shape = k // groups, shapes[0], shapes[1]
-    block, lanes, cols = gemm_block_rows(n), PACKED_LANES, _GEMM_TILE_COLS
+    def dequantize_rows(weights, weight, j0: tirx.PrimExpr, block: int) -> None:
+        packed, scale = weight["packed"], weight["scale"]
+        with IB.grid(block, k // lanes) as (jj, w):
+            with IB.vectorized(0, lanes) as lane:
+                code = tirx.bitwise_and(tirx.shift_right(packed[j0 + jj, w], (lane * 4).astype("uint32")),
+                                        tirx.const(15, "uint32")).astype("int32").astype("float32")
+                IB.buffer_store(weights, (code - 7.0) * scale[j0 + jj, w * lanes // group].astype("float32"),
+                                [jj * k + w * lanes + lane])
+
+    weight = [("packed", (n, k // lanes), "uint32"), ("scale", (n, groups), scale_dtype)]
+    return _dequantized_gemm("group_gemm", n, k, shapes, residual, weight, dequantize_rows)
+
+
+def block_gemm_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tuple], residual: bool) -> tirx.PrimFunc:
+    """``out = x . w^T (+ residual)`` for any number of activation rows, ``w`` stored in one of
+    llama.cpp's block layouts (``passes.gguf_blocks``); parameters ``x``, the layout's components,
+    ``residual`` (if any), ``out``. Each task dequantizes its block of rows a vector at a time,
+    with the block's positions unrolled so that every load is contiguous (:func:`_dequantized_gemm`)."""
+    blocks = k // layout.block
+
+    def dequantize_rows(weights, weight, j0: tirx.PrimExpr, block: int) -> None:
+        with IB.grid(block, blocks) as (jj, b):
+            for v in range(layout.block // F32_LANES):
+                with IB.vectorized(0, F32_LANES) as lane:
+                    e = v * F32_LANES + lane
+                    IB.buffer_store(weights, layout.value_in_block(weight, j0 + jj, b, e),
+                                    [jj * k + b * layout.block + e])
+
+    return _dequantized_gemm("block_gemm", n, k, shapes, residual, _components(layout, n, k), dequantize_rows)
+
+
+def _components(layout: BlockLayout, n: int, k: int) -> list[tuple[str, tuple[int, int], str]]:
+    return [(c.name, (n, k // layout.block * c.per_block), c.dtype) for c in layout.components]
+
+
+def _dequantized_gemm(name: str, n: int, k: int, shapes: list[tuple], residual: bool,
+                      weight_params: list[tuple[str, tuple, str]], dequantize_rows) -> tirx.PrimFunc:
+    """The prefill kernel of a quantized weight: parameters ``x``, ``weight_params`` (name,
+    shape, dtype), ``residual`` (if any) and ``out``.
+
+    Each parallel task dequantizes a block of :func:`gemm_block_rows` weight rows once
+    (``dequantize_rows(weights, weight buffers, first row, rows)``, in order, vectorised) and
+    multiplies every activation row with it in tiles of :data:`_GEMM_TILE_ROWS` activation rows
+    by :data:`_GEMM_TILE_COLS` weight rows: per 8 values of ``k``, 6 + 2 vector loads feed 12
+    independent FMA chains that stay in registers, and each of the 12 outputs is summed across
+    its lanes at the end. Rows left over go one at a time."""
+    x_shape, out_shape = shapes[0], shapes[1]
+    block, lanes, cols = gemm_block_rows(n), F32_LANES, _GEMM_TILE_COLS
     rows = functools.reduce(lambda a, b: a * b, x_shape[:-1])
-    tiles = rows // _GEMM_TILE_ROWS
+    with IRBuilder() as builder:
+        with IB.prim_func(s_tir=True):
+            IB.func_name(name)
+            IB.func_attr({"tirx.noalias": True})
+            x = IB.arg("x", IB.buffer(x_shape, "float32"))
+            weight = {w: IB.arg(w, IB.buffer(shape, dtype)) for w, shape, dtype in weight_params}
+            # Declared even without a residual, which it then never reads: the schedule rules pick
+            # the parameters of the kernel they replace by role (GROUP_MATMUL_PARAMS' order).
+            added = IB.arg("residual", IB.buffer(out_shape, "float32"))
+            out = IB.arg("out", IB.buffer(out_shape, "float32"))
+            x_rows = IB.decl_buffer((rows * k,), "float32", data=x.data)
+            out_rows = IB.decl_buffer((rows * n,), "float32", data=out.data)
+            added_rows = IB.decl_buffer((rows * n,), "float32", data=added.data) if residual else None
+            with IB.parallel(0, n // block) as task:
+                with IB.sblock("gemm"):
+                    IB.reads([x_rows[0:rows * k], *(w[0:w.shape[0], 0:w.shape[1]] for w in weight.values()),
+                              *([added_rows[0:rows * n]] if residual else [])])
+                    IB.writes([out_rows[0:rows * n]])
+                    weights = IB.sblock_alloc_buffer((block * k,), "float32")
+                    acc = IB.sblock_alloc_buffer((_GEMM_TILE_ROWS, cols, lanes), "float32")
+                    total = IB.sblock_alloc_buffer((1,), "float32")
+                    j0 = task * block
+                    dequantize_rows(weights, weight, j0, block)
+                    tile = functools.partial(_gemm_tile, k, n, acc, total, x_rows, weights, out_rows, added_rows)
+                    with IB.serial(0, block // cols) as jb:
+                        tiles = rows // _GEMM_TILE_ROWS
+                        with IB.serial(0, tiles) as t:
+                            tile(t * _GEMM_TILE_ROWS, _GEMM_TILE_ROWS, j0, jb * cols)
+                        with IB.serial(tiles * _GEMM_TILE_ROWS, rows) as m:
+                            tile(m, 1, j0, jb * cols)
+    return builder.get()
 
-    @T.macro
-    def tile(acc, total, x_rows, weights, out_rows, added_rows, first, count, j0, jb):
-        """Outputs of activation rows ``first ..`` (``count`` of them) for weight rows ``jb ..``
-        of the task's block (``j0``: the block's first row)."""
-        for r, c in T.grid(count, cols):
-            for lane in T.vectorized(lanes):
-                acc[r, c, lane] = 0.0
-        for kv in T.serial(k // lanes):
-            for r in T.unroll(count):
-                for c in T.unroll(cols):
-                    for lane in T.vectorized(lanes):
-                        acc[r, c, lane] += (x_rows[(first + r) * k + kv * lanes + lane]
-                                            * weights[(jb + c) * k + kv * lanes + lane])
-        for r in T.unroll(count):
-            for c in T.unroll(cols):
-                total[0] = 0.0
-                for lane in T.serial(lanes):
-                    total[0] += acc[r, c, lane]
-                if residual:
-                    out_rows[(first + r) * n + j0 + jb + c] = total[0] + added_rows[(first + r) * n + j0 + jb + c]
-                else:
-                    out_rows[(first + r) * n + j0 + jb + c] = total[0]
 
-    @T.prim_func(s_tir=True)
-    def group_gemm(x: T.Buffer(x_shape, "float32"), packed: T.Buffer((n, k // lanes), "uint32"),
-                   scale: T.Buffer((n, groups), scale_dtype), added: T.Buffer(out_shape, "float32"),
-                   out: T.Buffer(out_shape, "float32")):
-        T.func_attr({"tirx.noalias": True})
-        x_rows = T.decl_buffer((rows * k,), "float32", data=x.data)
-        out_rows = T.decl_buffer((rows * n,), "float32", data=out.data)
-        if residual:
-            added_rows = T.decl_buffer((rows * n,), "float32", data=added.data)
-        else:
-            added_rows = out_rows  # never read
-        for task in T.parallel(n // block):
-            with T.sblock("gemm"):
-                if residual:
-                    T.reads(x_rows[0:rows * k], packed[0:n, 0:k // lanes], scale[0:n, 0:groups], added_rows[0:rows * n])
-                else:
-                    T.reads(x_rows[0:rows * k], packed[0:n, 0:k // lanes], scale[0:n, 0:groups])
-                T.writes(out_rows[0:rows * n])
-                weights = T.sblock_alloc_buffer((block * k,), "float32")
-                acc = T.sblock_alloc_buffer((_GEMM_TILE_ROWS, cols, lanes), "float32")
-                total = T.sblock_alloc_buffer((1,), "float32")
-                j0: T.let[T.int32] = task * block
-                for jj, w in T.grid(block, k // lanes):
-                    for lane in T.vectorized(lanes):
-                        weights[jj * k + w * lanes + lane] = (T.Cast("float32", T.Cast("int32", T.bitwise_and(
-                            T.shift_right(packed[j0 + jj, w], T.Cast("uint32", lane * 4)), T.uint32(15)))) - 7.0
-                            ) * T.Cast("float32", scale[j0 + jj, w * lanes // group])
-                for jb in T.serial(block // cols):
-                    for t in T.serial(tiles):
-                        tile(acc, total, x_rows, weights, out_rows, added_rows, t * _GEMM_TILE_ROWS,
-                             _GEMM_TILE_ROWS, j0, jb * cols)
-                    for m in T.serial(tiles * _GEMM_TILE_ROWS, rows):
-                        tile(acc, total, x_rows, weights, out_rows, added_rows, m, 1, j0, jb * cols)
+def _gemm_tile(k, n, acc, total, x_rows, weights, out_rows, added_rows, first, count: int, j0, jb) -> None:
+    """Outputs of activation rows ``first ..`` (``count`` of them) for weight rows ``jb ..`` of
+    the task's block (``j0``: the block's first row)."""
+    lanes, cols = F32_LANES, _GEMM_TILE_COLS
+    for r in range(count):
+        for c in range(cols):
+            with IB.vectorized(0, lanes) as lane:
+                IB.buffer_store(acc, 0.0, [r, c, lane])
+    with IB.serial(0, k // lanes) as kv:
+        for r in range(count):
+            for c in range(cols):
+                with IB.vectorized(0, lanes) as lane:
+                    IB.buffer_store(acc, acc[r, c, lane] + x_rows[(first + r) * k + kv * lanes + lane]
+                                    * weights[(jb + c) * k + kv * lanes + lane], [r, c, lane])
+    for r in range(count):
+        for c in range(cols):
+            IB.buffer_store(total, 0.0, [0])
+            with IB.serial(0, lanes) as lane:
+                IB.buffer_store(total, total[0] + acc[r, c, lane], [0])
+            index = (first + r) * n + j0 + jb + c
+            IB.buffer_store(out_rows, total[0] + added_rows[index] if added_rows is not None else total[0], [index])
 
-    return group_gemm
 
+def block_gemv_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tuple], residual: bool) -> tirx.PrimFunc:
+    """``out = x . w^T (+ residual)`` for one activation row (decode), ``w`` in a llama.cpp block
+    layout; the parameters of :func:`block_gemm_cpu`.
+
+    Per sub-block (the weights sharing a scale) the codes are multiplied with ``x`` in vectors
+    (positions unrolled: contiguous loads, constant shifts), then scaled once:
+    ``x . w = sum scale * (x . code) + offset * sum(x)``, the sums of ``x`` per sub-block taken
+    once per call for the layouts with an offset. Output rows go in parallel blocks."""
+    x_shape, out_shape = shapes[0], shapes[1]
+    blocks, subs, lanes = k // layout.block, layout.block // layout.sub, F32_LANES
+    rows = largest_divisor(n, (_GEMV_ROWS_PER_TASK, 8, 4, 2, 1))
+    with IRBuilder() as builder:
+        with IB.prim_func(s_tir=True):
+            IB.func_name("block_gemv")
+            IB.func_attr({"tirx.noalias": True})
+            x = IB.arg("x", IB.buffer(x_shape, "float32"))
+            weight = {c.name: IB.arg(c.name, IB.buffer(shape, c.dtype))
+                      for c, (_, shape, _) in zip(layout.components, _components(layout, n, k))}
+            added = IB.arg("residual", IB.buffer(out_shape, "float32"))  # as in _dequantized_gemm
+            out = IB.arg("out", IB.buffer(out_shape, "float32"))
+            x_row = IB.decl_buffer((k,), "float32", data=x.data)
+            out_row = IB.decl_buffer((n,), "float32", data=out.data)
+            added_row = IB.decl_buffer((n,), "float32", data=added.data) if residual else None
+            sums = _sub_block_sums(x_row, k, layout.sub) if layout.offset is not None else None
+            with IB.parallel(0, n // rows) as task:
+                with IB.sblock("gemv"):
+                    IB.reads([x_row[0:k], *(w[0:w.shape[0], 0:w.shape[1]] for w in weight.values()),
+                              *([sums[0:k // layout.sub]] if sums is not None else []),
+                              *([added_row[0:n]] if residual else [])])
+                    IB.writes([out_row[0:n]])
+                    acc = IB.sblock_alloc_buffer((lanes,), "float32")
+                    part = IB.sblock_alloc_buffer((lanes,), "float32")
+                    total = IB.sblock_alloc_buffer((1,), "float32")
+                    with IB.serial(0, rows) as r:
+                        j = task * rows + r
+                        with IB.vectorized(0, lanes) as lane:
+                            IB.buffer_store(acc, 0.0, [lane])
+                        IB.buffer_store(total, 0.0, [0])
+                        with IB.serial(0, blocks) as b:
+                            for s in range(subs):
+                                with IB.vectorized(0, lanes) as lane:
+                                    IB.buffer_store(part, 0.0, [lane])
+                                for v in range(layout.sub // lanes):
+                                    with IB.vectorized(0, lanes) as lane:
+                                        e = s * layout.sub + v * lanes + lane
+                                        code = layout.code(weight, j, b, e).astype("float32")
+                                        IB.buffer_store(part, part[lane] + x_row[b * layout.block + e] * code, [lane])
+                                with IB.vectorized(0, lanes) as lane:
+                                    IB.buffer_store(acc, acc[lane] + part[lane] * layout.scale(weight, j, b, s), [lane])
+                                if sums is not None:
+                                    IB.buffer_store(total, total[0] + layout.offset(weight, j, b, s)
+                                                    * sums[b * subs + s], [0])
+                        with IB.serial(0, lanes) as lane:
+                            IB.buffer_store(total, total[0] + acc[lane], [0])
+                        IB.buffer_store(out_row, total[0] + added_row[j] if residual else total[0], [j])
+    return builder.get()
+
+
+def _sub_block_sums(x_row, k: int, sub: int):
+    """``sum(x)`` over each ``sub`` consecutive values, once per call."""
+    sums = IB.alloc_buffer((k // sub,), "float32")
+    with IB.serial(0, k // sub) as g:
+        IB.buffer_store(sums, 0.0, [g])
+        with IB.serial(0, sub) as i:
+            IB.buffer_store(sums, sums[g] + x_row[g * sub + i], [g])
+    return sums
 
 
 # Tokens above which the qkv split runs in parallel (one decode token does not pay for the pool).
@@ -243,4 +353,5 @@ def split_qkv_cpu(h_q: int, h_kv: int, d: int, dtype: str) -> tirx.PrimFunc:
     return fused_rope
 
 
-__all__ = ["GROUP_MATMUL_PARAMS", "gemm_block_rows", "group_gemm_cpu", "group_gemv_cpu", "split_qkv_cpu"]
+__all__ = ["GROUP_MATMUL_PARAMS", "block_gemm_cpu", "block_gemv_cpu", "gemm_block_rows", "group_gemm_cpu",
+           "group_gemv_cpu", "split_qkv_cpu"]

@@ -7,6 +7,8 @@ output rows (strided gathers) while compiling slowly. The rules, most specific f
 - :class:`GroupMatmul`: projections with 4-bit weights (``dequantize`` fused in front of the
   matmul by ``passes.fusion``) become ``group_gemv_cpu`` (decode) or ``group_gemm_cpu``
   (prefill), which unpack the codes in registers and apply each group's scale once per block.
+- :class:`BlockMatmul`: projections with weights in llama.cpp's block layouts (the ``gguf``
+  scheme) become ``block_gemv_cpu`` or ``block_gemm_cpu``, generated from the layout.
 - :class:`NTMatmul`: the other projections — ``C[..., j] (+)= sum_k A[..., k] * W[j, k]`` after
   ``FuseTransposeMatmul``, weights ``[out, in]`` — as row-wise dot products: the reduction is
   split, the inner part ``rfactor``-ed into a small accumulator vectorised along ``k``, blocks of
@@ -27,8 +29,11 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
 from .cpu_attention import KEY_TILE, decode_attention_cpu, ragged_prefill_attention_cpu
-from .cpu_kernels import (F32_LANES, GEMV_BLOCK, GROUP_MATMUL_PARAMS, PACKED_LANES, gemm_block_rows, group_gemm_cpu,
-                          group_gemv_cpu, largest_divisor, split_qkv_cpu)
+from relaxlm.passes.gguf_blocks import LAYOUTS
+from relaxlm.passes.gguf_quantization import LAYOUT_ATTR
+
+from .cpu_kernels import (F32_LANES, GEMV_BLOCK, GROUP_MATMUL_PARAMS, PACKED_LANES, block_gemm_cpu, block_gemv_cpu,
+                          gemm_block_rows, group_gemm_cpu, group_gemv_cpu, largest_divisor, split_qkv_cpu)
 
 # Output rows per parallel task of the row-wise dot products (decode).
 _ROWS_PER_TASK = 16
@@ -303,6 +308,74 @@ def _added_to(block: tirx.SBlock, result: tirx.Buffer) -> tirx.Buffer | None:
 
 
 
+class BlockMatmul(CPUScheduleRule):
+    """Projections with weights in llama.cpp's block layouts (the ``gguf`` scheme: a
+    ``dequantize`` block annotated with its layout, fused in front of the NT matmul, optionally
+    ``+ residual``) become :func:`block_gemv_cpu` (one activation row) or :func:`block_gemm_cpu`
+    (several), with the replaced kernel's parameters; other shapes are left to :class:`NTMatmul`."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        found = _block_matmul_buffers(func)
+        if found is None:
+            return None
+        layout, buffers = found
+        n, k = int(buffers["out"].shape[-1]), int(buffers["x"].shape[-1])
+        shapes = [tuple(buffers[r].shape) for r in ("x", "out")]
+        residual = "residual" in buffers
+        if all(isinstance(d, (int, tirx.IntImm)) and int(d) == 1 for d in buffers["x"].shape[:-1]):
+            kernel = block_gemv_cpu(layout, n, k, shapes, residual)
+        elif gemm_block_rows(n) is not None:
+            kernel = block_gemm_cpu(layout, n, k, shapes, residual)
+        else:
+            return None
+        param_of = {p.name: p for p in kernel.params}
+        params = [param_of[_role(buffers, p)] for p in func.params]
+        return s_tir.Schedule(tirx.PrimFunc(params, kernel.body, kernel.ret_type, func.attrs))
+
+
+def _block_matmul_buffers(func: tirx.PrimFunc):
+    """``(layout, buffers by role)`` of a block-layout projection kernel — roles ``x``, the
+    layout's component names, ``residual``, ``out`` (and ``weight``, the dequantized buffer,
+    which is not a parameter) — or None when ``func`` is not one."""
+    sch = s_tir.Schedule(func)
+    blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    if [b.name_hint for b in blocks] not in ([_DEQUANTIZE, "NT_matmul"], [_DEQUANTIZE, "NT_matmul", "T_add"]):
+        return None
+    dequantize, matmul, *epilogue = blocks
+    layout = LAYOUTS.get(str(dequantize.annotations.get(LAYOUT_ATTR, "")))
+    if layout is None:
+        return None
+    weight = dequantize.writes[0].source
+    k = int(weight.shape[1])
+    buffers = {"weight": weight}
+    for region in dequantize.reads:
+        component = layout.component_of(str(region.source.dtype), int(region.source.shape[1]), k)
+        if component is None or component.name in buffers:
+            return None
+        buffers[component.name] = region.source
+    x = [r.source for r in matmul.reads if not r.source.same_as(weight) and not r.source.same_as(matmul.writes[0].source)]
+    if len(buffers) != len(layout.components) + 1 or len(x) != 1 or k % layout.block:
+        return None
+    buffers.update(x=x[0], out=matmul.writes[0].source)
+    if epilogue:
+        residual = _added_to(epilogue[0], buffers["out"])
+        if residual is None:
+            return None
+        buffers.update(residual=residual, out=epilogue[0].writes[0].source)
+    roles = {role: b for role, b in buffers.items() if role != "weight"}
+    float32 = all(str(buffers[r].dtype) == "float32" for r in ("x", "out", *(["residual"] if epilogue else [])))
+    if not (float32 and len(func.params) == len(roles)
+            and all(any(b.same_as(p) for p in func.params) for b in roles.values())):
+        return None
+    try:
+        sch.compute_inline(sch.get_sblock(_DEQUANTIZE))
+    except s_tir.ScheduleError:
+        return None
+    return (layout, roles) if _is_nt_matmul(sch.get(sch.get_sblock("NT_matmul"))) else None
+
+
 class _AttentionReplacement(CPUScheduleRule):
     """Replaces the TVM CPU attention kernel named ``replaces`` (the pipeline offers it these
     hand-written kernels, which dlight skips) with relaxlm's, built by ``kernel`` from the buffers
@@ -375,7 +448,7 @@ class SplitQKV(CPUScheduleRule):
 
 def cpu_rules() -> list:
     """The dlight rules for the ``llvm`` target, most specific first."""
-    return [GroupMatmul(), NTMatmul(), DecodeAttention(), RaggedPrefillAttention(), SplitQKV(), Injective()]
+    return [GroupMatmul(), BlockMatmul(), NTMatmul(), DecodeAttention(), RaggedPrefillAttention(), SplitQKV(), Injective()]
 
 
-__all__ = ["DecodeAttention", "GroupMatmul", "Injective", "NTMatmul", "RaggedPrefillAttention", "SplitQKV", "cpu_rules"]
+__all__ = ["BlockMatmul", "DecodeAttention", "GroupMatmul", "Injective", "NTMatmul", "RaggedPrefillAttention", "SplitQKV", "cpu_rules"]
