@@ -101,8 +101,9 @@ def main():
 @click.option("--target", default="auto", show_default=True,
               help="auto (best local device), llvm (this CPU), llvm:portable (any x86-64 CPU since 2015), "
                    "llvm:<LLVM CPU>, cuda[:sm_XX], metal[:m1|m2], vulkan or webgpu.")
-@click.option("--quantization", default=None, help="q0f32, q0f16, q4f32_1, q4f16_1, q8f32_1, q8f16_1 "
-                                                    "(default: the target's: q4f32_1 on the CPU).")
+@click.option("--quantization", default=None,
+              help="q0f32, q0f16, q4f32_1, q4f16_1, q8f32_1, q8f16_1, or gguf (a GGUF file's own blocks, bit for bit). "
+                   "Default: gguf for a GGUF whose weights it runs natively, else the target's (q4f32_1 on the CPU).")
 @click.option("--output", type=click.Path(), default=None, help="Artifact directory (default: dist/<name>-<q>-<target>).")
 @click.option("--force", is_flag=True,
               help="Also write into an empty directory or over an older artifact (never over other files).")

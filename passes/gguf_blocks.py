@@ -6,8 +6,10 @@ every bit: a layout splits a row of blocks into a few typed arrays (its *compone
 ``[rows, blocks * per_block]``) and :meth:`BlockLayout.join` puts them back byte for byte. The
 only change is that the K-quants' twelve bytes of 6-bit sub-block scales and mins are stored
 unpacked, one byte each (16 bytes per 256 weights instead of 12), so that no kernel unpacks them.
-Within a layout no two components share a dtype and a size per block, so a kernel knows each
-one by its buffer's dtype and shape alone.
+Numbers read together share one word (Q4_1's and the K-quants' scale and minimum; a sub-block's
+scale and minimum), so that every weight reads each component at one place, as dlight's GPU
+analysis requires; and within a layout no two components share a dtype and a size per block, so
+a kernel knows each one by its buffer's dtype and shape alone.
 
 Every type computes a weight the same way, as the ``gguf`` package's ``dequantize`` does, in
 float32 and in the same order of operations::
@@ -132,6 +134,12 @@ def _half(value) -> object:
     return value.astype("float32")
 
 
+def _half_of(word, which: int):
+    """Float16 number ``which`` (0: low bits) of a uint32 holding two, as float32."""
+    bits = tirx.bitwise_and(tirx.shift_right(word, tirx.const(16 * which, "uint32")), tirx.const(0xFFFF, "uint32"))
+    return tirx.reinterpret("float16", bits.astype("uint16")).astype("float32")
+
+
 # ---- the 32-weight types ---------------------------------------------------------------------
 def _low_high_nibble(c: Buffers, j, b, e):
     """Weight ``e`` of a 32-weight block: the low nibbles of its 16 bytes are weights 0..15,
@@ -150,12 +158,12 @@ Q4_0 = BlockLayout(
 
 Q4_1 = BlockLayout(
     "Q4_1", block=32, sub=32, type_size=20,
-    components=(Component("dm", "float16", 2), Component("qs", "uint8", 16)),
-    split_block=lambda blk: {"dm": blk[..., 0:4].copy().view(np.float16), "qs": blk[..., 4:20]},
+    components=(Component("dm", "uint32", 1), Component("qs", "uint8", 16)),
+    split_block=lambda blk: {"dm": blk[..., 0:4].copy().view(np.uint32), "qs": blk[..., 4:20]},
     join_block=lambda p: _concat(p["dm"], p["qs"]),
     code=_low_high_nibble,
-    scale=lambda c, j, b, s: _half(c["dm"][j, b * 2]),
-    offset=lambda c, j, b, s: _half(c["dm"][j, b * 2 + 1]),
+    scale=lambda c, j, b, s: _half_of(c["dm"][j, b], 0),
+    offset=lambda c, j, b, s: _half_of(c["dm"][j, b], 1),
 )
 
 
@@ -210,7 +218,9 @@ def _k_nibble(c: Buffers, j, b, e):
 
 
 def _k_split(blk: np.ndarray, high_bits: bool) -> dict[str, np.ndarray]:
-    parts = {"dm": blk[..., 0:4].copy().view(np.float16), "scales": np.concatenate(_unpack_k_scales(blk[..., 4:16]), -1)}
+    scales, mins = _unpack_k_scales(blk[..., 4:16])
+    parts = {"dm": blk[..., 0:4].copy().view(np.uint32),
+             "scales": scales.astype(np.uint16) | (mins.astype(np.uint16) << 8)}
     if high_bits:
         parts.update(qh=blk[..., 16:48], qs=blk[..., 48:176])
     else:
@@ -220,21 +230,23 @@ def _k_split(blk: np.ndarray, high_bits: bool) -> dict[str, np.ndarray]:
 
 def _k_join(p: dict[str, np.ndarray]) -> np.ndarray:
     bits = [p["qh"]] if "qh" in p else []
-    scales = p["scales"]
-    return _concat(p["dm"], _pack_k_scales(scales[..., :8], scales[..., 8:]), *bits, p["qs"])
+    scales = p["scales"].astype(np.uint16)
+    return _concat(p["dm"], _pack_k_scales(scales & 255, scales >> 8), *bits, p["qs"])
 
 
-# d and dmin; then the 8 scales and the 8 mins, one byte each.
-_K_SCALES = (Component("dm", "float16", 2), Component("scales", "uint8", 16))
+# d and dmin as one word; each sub-block's scale (low byte) and min (high byte) as one uint16.
+_K_SCALES = (Component("dm", "uint32", 1), Component("scales", "uint16", 8))
 
 
 def _k_scale(c: Buffers, j, b, s):
-    return _half(c["dm"][j, b * 2]) * c["scales"][j, b * 16 + s].astype("float32")
+    scale = tirx.bitwise_and(c["scales"][j, b * 8 + s], tirx.const(255, "uint16"))
+    return _half_of(c["dm"][j, b], 0) * scale.astype("float32")
 
 
 def _k_offset(c: Buffers, j, b, s):
     # gguf computes d * q - dmin * m: the same bits as adding the negated product.
-    return -(_half(c["dm"][j, b * 2 + 1]) * c["scales"][j, b * 16 + 8 + s].astype("float32"))
+    minimum = tirx.shift_right(c["scales"][j, b * 8 + s], tirx.const(8, "uint16"))
+    return -(_half_of(c["dm"][j, b], 1) * minimum.astype("float32"))
 
 
 Q4_K = BlockLayout(

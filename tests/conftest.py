@@ -30,6 +30,14 @@ def tiny_models(tmp_path_factory) -> Callable[[TinySpec], TinyModel]:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf_file(tmp_path_factory) -> Path:
+    """The tiny random Llama GGUF of gguf_support (every supported block type), written once."""
+    from gguf_support import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny_gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
 def smollm2_reference():
     """transformers' tokenizer and float32 model of the bundled SmolLM2-135M-Instruct GGUF (both
     dequantize it the same way the compiler does), loaded once per session."""
@@ -45,15 +53,22 @@ def smollm2_reference():
 
 
 @pytest.fixture(scope="session")
-def smollm2_artifacts(tmp_path_factory) -> Callable[[str], Path]:
-    """The bundled SmolLM2-135M-Instruct compiled for llvm at a quantization, once per session."""
-    root = tmp_path_factory.mktemp("smollm2")
-    cache: dict[str, Path] = {}
+def bundled_artifacts(tmp_path_factory) -> Callable[[str, str], Path]:
+    """A bundled model (``smollm2-135m``, ``gemma3-270m``) compiled for llvm at a quantization,
+    once per session."""
+    root = tmp_path_factory.mktemp("bundled")
+    cache: dict[tuple[str, str], Path] = {}
 
-    def get(quantization: str) -> Path:
-        if quantization not in cache:
-            cache[quantization] = compile_model("smollm2-135m", target="llvm", quantization=quantization,
-                                                output=root / f"smollm2-135m-{quantization}-llvm")
-        return cache[quantization]
+    def get(alias: str, quantization: str) -> Path:
+        if (alias, quantization) not in cache:
+            cache[alias, quantization] = compile_model(alias, target="llvm", quantization=quantization,
+                                                       output=root / f"{alias}-{quantization}-llvm")
+        return cache[alias, quantization]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifacts(bundled_artifacts) -> Callable[[str], Path]:
+    """The bundled SmolLM2-135M-Instruct compiled for llvm at a quantization, once per session."""
+    return lambda quantization: bundled_artifacts("smollm2-135m", quantization)

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+import gguf
 import numpy as np
 import torch
 
@@ -104,3 +105,25 @@ def build_tiny_model(spec: TinySpec, root: Path) -> TinyModel:
     artifact = compile_model(hf_dir, target="llvm", quantization="q0f32", output=root / f"{spec.name}-artifact",
                              **spec.compile_options)
     return TinyModel(spec.name, reference, hf_dir, artifact)
+
+
+def random_blocks(layout, rows: int, cols: int, seed: int = 0, std: float = 0.02) -> np.ndarray:
+    """Raw rows of ``layout``: quantized by the ``gguf`` package where it can quantize the type,
+    else random bytes with finite float16 scales of about ``std`` (every bit pattern of the codes
+    is a valid block)."""
+    rng = np.random.default_rng(seed)
+    weights = rng.standard_normal((rows, cols)).astype(np.float32)
+    try:
+        return gguf.quants.quantize(weights, gguf.GGMLQuantizationType[layout.name])
+    except NotImplementedError:
+        raw = rng.integers(0, 256, (rows, cols // layout.block * layout.type_size), dtype=np.uint8)
+        parts = layout.split(raw)
+        for name, halves in float16_views(layout, parts).items():
+            parts[name] = (rng.standard_normal(halves.shape) * std).astype(np.float16).view(parts[name].dtype)
+        return layout.join(parts)
+
+
+def float16_views(layout, parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The float16 numbers of a layout's components (a ``dm`` word holds two), by component."""
+    return {c.name: parts[c.name].view(np.float16) for c in layout.components
+            if c.dtype == "float16" or c.name == "dm"}

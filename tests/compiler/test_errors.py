@@ -83,3 +83,8 @@ def test_generate_works_on_good_input(tiny_models):
 
 def test_non_positive_prefill_chunk(tmp_path, hf_dir):
     _compile_fails(hf_dir, tmp_path, "--prefill-chunk", "0", expect=("prefill_chunk must be a positive",))
+
+
+def test_gguf_quantization_of_a_hugging_face_directory(tmp_path, hf_dir):
+    """``gguf`` keeps a GGUF file's blocks; a safetensors directory has none."""
+    _compile_fails(hf_dir, tmp_path, "--quantization", "gguf", expect=("is not a GGUF file", "q4f32_1"))

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from family_checks import greedy_tokens, reference_greedy_tokens
-from relaxlm.compiler import compile_model
 from relaxlm.frontends.sources import resolve_bundled
 from relaxlm.runtime import load
 
@@ -36,9 +35,8 @@ def reference(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    return compile_model("gemma3-270m", target="llvm", quantization="q0f32",
-                         output=tmp_path_factory.mktemp("real") / "gemma3-270m-q0f32-llvm")
+def artifact(bundled_artifacts):
+    return bundled_artifacts("gemma3-270m", "q0f32")
 
 
 def test_first_32_greedy_tokens_match_transformers(reference, artifact):

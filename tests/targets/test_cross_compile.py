@@ -146,6 +146,21 @@ def test_webgpu_tar_holds_wasm_objects_and_wgsl(artifacts, family):
     assert b"@compute @workgroup_size" in b"".join(members.values())
 
 
+@pytest.mark.parametrize("target", ["cuda:sm_86", "metal", "webgpu"])
+def test_gguf_blocks_build_for_every_gpu_kind(tiny_gguf_file, tmp_path, target):
+    """A GGUF at its own blocks (every supported type) through dlight's generic dequantize path:
+    the same device code as the other builds, at quantization gguf."""
+    artifact = compile_model(tiny_gguf_file, target=target, output=tmp_path / "gguf")
+    assert manifest(artifact)["quantization"] == "gguf"
+    if target.startswith("cuda"):
+        data = (artifact / "lib.so").read_bytes()
+        assert sorted(fatbin_entries(data, data.find(FATBIN_MAGIC))) == [(FATBIN_PTX, 86), (FATBIN_ELF, 86)]
+    else:
+        members = tar_members(artifact)
+        magic = MACHO_ARM64 if target == "metal" else WASM_MAGIC
+        assert members and all(data.startswith(magic) for data in members.values()), list(members)
+
+
 def test_vulkan_fails_at_once_with_one_line_naming_what_to_install(tiny_models, tmp_path):
     if tvm.get_global_func("target.build.vulkan", allow_missing=True) is not None:
         pytest.skip("this TVM has the Vulkan code generator")  # the wheel has none; a TVM built with Vulkan builds

@@ -1,0 +1,89 @@
+"""A tiny random Llama written as a GGUF file with llama.cpp's metadata and tensor names, every
+block type relaxlm runs natively among its weights, for the tests of the ``gguf`` scheme against
+transformers, which reads the same file (both undo llama.cpp's q/k row order)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from relaxlm.passes.gguf_blocks import LAYOUTS
+from support import float16_views, random_blocks
+
+HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 256, 512, 2, 4, 2
+HEAD_DIM = HIDDEN // HEADS
+# GPT-2's 256 byte tokens and an end-of-text token.
+VOCAB = 257
+# The block type of each weight: q/k/v and gate/up of mixed types (stored as several parts), an
+# untied logits weight, every supported type at least once.
+TYPES = {
+    "token_embd": "Q8_0", "output": "Q5_K",
+    "blk.0.attn_q": "Q4_K", "blk.0.attn_k": "Q4_K", "blk.0.attn_v": "Q6_K", "blk.0.attn_output": "Q5_K",
+    "blk.0.ffn_gate": "Q4_0", "blk.0.ffn_up": "Q4_1", "blk.0.ffn_down": "Q5_0",
+    "blk.1.attn_q": "Q8_0", "blk.1.attn_k": "Q8_0", "blk.1.attn_v": "Q8_0", "blk.1.attn_output": "Q4_1",
+    "blk.1.ffn_gate": "Q6_K", "blk.1.ffn_up": "Q6_K", "blk.1.ffn_down": "Q4_K",
+}
+# Weights of about this standard deviation keep the activations of random layers in range.
+WEIGHT_STD = 0.05
+
+
+def _shape(name: str) -> tuple[int, int]:
+    kind = name.split(".")[-1]
+    return {"token_embd": (VOCAB, HIDDEN), "output": (VOCAB, HIDDEN), "attn_q": (HIDDEN, HIDDEN),
+            "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN), "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN),
+            "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (INTERMEDIATE, HIDDEN), "ffn_up": (INTERMEDIATE, HIDDEN),
+            "ffn_down": (HIDDEN, INTERMEDIATE)}[kind]
+
+
+def _blocks(ggml_type: str, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Random rows of blocks whose weights have about WEIGHT_STD (scales rescaled to it)."""
+    layout = LAYOUTS[ggml_type]
+    raw = random_blocks(layout, rows, cols, seed)
+    std = float(np.std(layout.reference(layout.split(raw))))
+    parts = layout.split(raw)
+    for name, halves in float16_views(layout, parts).items():
+        parts[name] = (halves.astype(np.float32) * (WEIGHT_STD / std)).astype(np.float16).view(parts[name].dtype)
+    return layout.join(parts)
+
+
+def _gpt2_tokens() -> list[str]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return [bytes_to_unicode()[b] for b in range(256)] + ["<|endoftext|>"]
+
+
+def write_tiny_gguf(path: Path) -> Path:
+    """The tiny Llama of TYPES, with norms of random scale, at ``path``."""
+    rng = np.random.default_rng(7)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(LAYERS)
+    writer.add_feed_forward_length(INTERMEDIATE)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_rope_dimension_count(HEAD_DIM)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(VOCAB)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(_gpt2_tokens())
+    writer.add_token_types([gguf.TokenType.NORMAL] * 256 + [gguf.TokenType.CONTROL])
+    writer.add_token_merges([])
+    writer.add_token_scores([0.0] * VOCAB)
+    writer.add_bos_token_id(256)
+    writer.add_eos_token_id(256)
+    for seed, (name, ggml_type) in enumerate(TYPES.items()):
+        rows, cols = _shape(name)
+        writer.add_tensor(f"{name}.weight", _blocks(ggml_type, rows, cols, seed),
+                          raw_dtype=gguf.GGMLQuantizationType[ggml_type])
+    norms = ["output_norm"] + [f"blk.{i}.{n}" for i in range(LAYERS) for n in ("attn_norm", "ffn_norm")]
+    for name in norms:
+        writer.add_tensor(f"{name}.weight", (1 + 0.3 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

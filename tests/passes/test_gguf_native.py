@@ -1,0 +1,45 @@
+"""The ``gguf`` scheme on a tiny random Llama GGUF holding every supported block type, q/k/v and
+gate/up of mixed types and an untied logits weight (tests/gguf_support.py). Reference:
+transformers loading the same file (it dequantizes every tensor to float32)."""
+
+import pytest
+import torch
+
+from family_checks import (BATCH_TOLERANCE, CONTINUATION, PROMPT, TOLERANCE, batch_vs_single_errors,
+                           prefill_and_decode_errors)
+from gguf_support import TYPES
+from relaxlm.compiler import compile_model
+from relaxlm.passes.gguf_blocks import LAYOUTS
+from relaxlm.runtime.artifact import Manifest
+from support import TinyModel
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_gguf_file, tmp_path_factory) -> TinyModel:
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny_gguf_file.parent), gguf_file=tiny_gguf_file.name,
+                                                     dtype=torch.float32).eval()
+    artifact = compile_model(tiny_gguf_file, target="llvm", output=tmp_path_factory.mktemp("tiny_gguf") / "artifact")
+    return TinyModel("tiny-gguf", reference, tiny_gguf_file, artifact)
+
+
+def test_a_gguf_compiles_at_its_own_blocks_by_default(tiny_gguf):
+    manifest = Manifest.read(tiny_gguf.artifact)
+    assert manifest.quantization == "gguf" and manifest.calibration is None
+    # One stored weight per run of parts of one type: blk.0's q and k (Q4_K) with v (Q6_K) → 2.
+    assert {p.rsplit(".parts.", 1)[0] for p in manifest.params if ".parts.1." in p} == {
+        "model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"}
+    assert set(TYPES.values()) == set(LAYOUTS)
+
+
+def test_prefill_and_decode_match_transformers(tiny_gguf):
+    errors = prefill_and_decode_errors(tiny_gguf)
+    assert max(errors) < TOLERANCE, errors
+
+
+def test_batch_prefill_and_decode_agree_with_single_sequences(tiny_gguf):
+    errors = batch_vs_single_errors(tiny_gguf.model, prefixes=[PROMPT[:9], PROMPT[:3], []],
+                                    chunks=[[20, 21], [22, 23, 24], [25]],
+                                    decode_rounds=[[t, (t + 1) % 96, (t + 2) % 96] for t in CONTINUATION])
+    assert max(errors) < BATCH_TOLERANCE, errors
