@@ -5,8 +5,8 @@ Requantizing a GGUF's weights to another grid adds a second rounding error on to
 supported block type (:data:`.gguf_blocks.LAYOUTS`) as the block's own codes and scales, split
 losslessly into typed arrays, and computes with exactly the values ``gguf.quants.dequantize``
 gives; the model computes in float32. Tensors stored as floats in the file stay floats (float32);
-a weight of a block type not supported yet is stored by :data:`FALLBACK` (8-bit groups, the
-least added error of the group schemes) and the compile says so.
+a weight of a block type not supported yet is stored by the scheme's ``fallback`` (``q8f32_1``:
+8-bit groups, the least added error of the group schemes) and the compile says so.
 
 A fused projection (``qkv_proj``, ``gate_up_proj``) whose parts are of one type is one weight (its
 parts' block rows, concatenated); if llama.cpp gave the parts different types (Q4_K_M files mix
@@ -17,6 +17,7 @@ concatenated.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable, Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ from tvm import te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
+from relaxlm.frontends.sources import BlockTensor
 from relaxlm.frontends.weights import hf_names
 
 from .errors import PassError
@@ -82,12 +84,14 @@ class GGUFNative(QuantizationScheme):
         return {name: self.storage(name, shape) for name, shape, _ in params}
 
     def notes(self, params: Sequence[tuple[str, tuple[int, ...], str]]) -> list[str]:
-        fallen = [name for name, storage in self.plan(params).items() if storage == FALLBACK_GROUPS]
+        plan = self.plan(params)
+        fallen = [name for name, storage in plan.items() if storage == FALLBACK_GROUPS]
         if not fallen:
             return []
-        types = sorted({t for name in fallen for t in self.types_of(name) if t not in LAYOUTS})
-        return [f"{len(fallen)} weights are of block types relaxlm does not run natively yet ({', '.join(types)}): "
-                f"stored as {self.fallback.name}"]
+        types = ", ".join(sorted({t for name in fallen for t in self.types_of(name) if t not in LAYOUTS}))
+        quantized = sum(storage != FLOAT for storage in plan.values())
+        return [f"weights in block types relaxlm does not run natively yet ({types}: {len(fallen)} of {quantized}) "
+                f"are stored as {self.fallback.name}"]
 
     def keeps_blocks(self, name: str, shape: tuple[int, ...]) -> bool:
         """Whether the parameter is stored as the file's blocks (its conversion reads them raw)."""
@@ -97,8 +101,8 @@ class GGUFNative(QuantizationScheme):
         return _GGUFQuantizer(self).visit("", module)
 
     def convert(self, name: str, array, importance=None, hessian=None) -> dict[str, np.ndarray]:
-        """``array``: float32 weights, or for a native parameter the blocks of its parts (objects
-        with ``ggml_type`` and raw ``data`` rows, see ``frontends.BlockTensor``)."""
+        """``array``: float32 weights, or for a native parameter the blocks of its parts (a list
+        of ``frontends.BlockTensor``)."""
         if isinstance(array, np.ndarray):
             if self.storage(name, array.shape) == FALLBACK_GROUPS:
                 return self.fallback.convert(name, array, importance, hessian)
@@ -109,21 +113,10 @@ class GGUFNative(QuantizationScheme):
                 for component, values in LAYOUTS[part.ggml_type].split(part.data).items()}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Part:
-    ggml_type: str
-    data: np.ndarray
-
-
-def _merged(parts) -> list[_Part]:
+def _merged(parts: list[BlockTensor]) -> list[BlockTensor]:
     """Consecutive parts of one type as one (their block rows concatenated)."""
-    merged: list[_Part] = []
-    for part in parts:
-        if merged and merged[-1].ggml_type == part.ggml_type:
-            merged[-1] = _Part(part.ggml_type, np.concatenate([merged[-1].data, part.data]))
-        else:
-            merged.append(_Part(part.ggml_type, part.data))
-    return merged
+    return [BlockTensor(ggml_type, np.concatenate([p.data for p in group]))
+            for ggml_type, group in itertools.groupby(parts, key=lambda p: p.ggml_type)]
 
 
 def dequantize_op(layout: BlockLayout, components: list[Tensor], rows: int, cols: int) -> Tensor:
@@ -220,14 +213,10 @@ class _GGUFQuantizer(nn.Mutator):
 
 
 def _runs(parts: list[tuple[str, int]]) -> list[tuple[BlockLayout, int]]:
-    """Consecutive parts of one type as one ``(layout, rows)``, as :func:`_merged` stores them."""
-    runs: list[tuple[BlockLayout, int]] = []
-    for ggml_type, rows in parts:
-        if runs and runs[-1][0].name == ggml_type:
-            runs[-1] = (runs[-1][0], runs[-1][1] + rows)
-        else:
-            runs.append((LAYOUTS[ggml_type], rows))
-    return runs
+    """Consecutive parts ``(type, rows)`` of one type as one ``(layout, rows)``, as :func:`_merged`
+    stores them."""
+    return [(LAYOUTS[ggml_type], sum(rows for _, rows in group))
+            for ggml_type, group in itertools.groupby(parts, key=lambda p: p[0])]
 
 
 __all__ = ["FALLBACK_GROUPS", "FLOAT", "GGUFNative", "LAYOUT_ATTR", "NATIVE", "dequantize_op"]

@@ -39,6 +39,9 @@ def _shape(name: str) -> tuple[int, int]:
 
 def _blocks(ggml_type: str, rows: int, cols: int, seed: int) -> np.ndarray:
     """Random rows of blocks whose weights have about WEIGHT_STD (scales rescaled to it)."""
+    if ggml_type not in LAYOUTS:  # a type relaxlm does not run natively: let gguf quantize it
+        weights = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32) * WEIGHT_STD
+        return gguf.quants.quantize(weights, gguf.GGMLQuantizationType[ggml_type])
     layout = LAYOUTS[ggml_type]
     raw = random_blocks(layout, rows, cols, seed)
     std = float(np.std(layout.reference(layout.split(raw))))
@@ -54,8 +57,8 @@ def _gpt2_tokens() -> list[str]:
     return [bytes_to_unicode()[b] for b in range(256)] + ["<|endoftext|>"]
 
 
-def write_tiny_gguf(path: Path) -> Path:
-    """The tiny Llama of TYPES, with norms of random scale, at ``path``."""
+def write_tiny_gguf(path: Path, types: dict[str, str] | None = None) -> Path:
+    """The tiny Llama of TYPES (updated by ``types``), with norms of random scale, at ``path``."""
     rng = np.random.default_rng(7)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(256)
@@ -75,7 +78,7 @@ def write_tiny_gguf(path: Path) -> Path:
     writer.add_token_scores([0.0] * VOCAB)
     writer.add_bos_token_id(256)
     writer.add_eos_token_id(256)
-    for seed, (name, ggml_type) in enumerate(TYPES.items()):
+    for seed, (name, ggml_type) in enumerate({**TYPES, **(types or {})}.items()):
         rows, cols = _shape(name)
         writer.add_tensor(f"{name}.weight", _blocks(ggml_type, rows, cols, seed),
                           raw_dtype=gguf.GGMLQuantizationType[ggml_type])

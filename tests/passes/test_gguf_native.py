@@ -7,11 +7,17 @@ import torch
 
 from family_checks import (BATCH_TOLERANCE, CONTINUATION, PROMPT, TOLERANCE, batch_vs_single_errors,
                            prefill_and_decode_errors)
-from gguf_support import TYPES
+from gguf_support import TYPES, write_tiny_gguf
+from relaxlm import frontends, targets
+from relaxlm.compiler import compile as compile_module
 from relaxlm.compiler import compile_model
 from relaxlm.passes.gguf_blocks import LAYOUTS
 from relaxlm.runtime.artifact import Manifest
 from support import TinyModel
+
+
+# One weight requantized to 8-bit groups: the bound tests/passes/test_quantized_llama.py holds q8f32_1 to.
+Q8_BOUND = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +49,26 @@ def test_batch_prefill_and_decode_agree_with_single_sequences(tiny_gguf):
                                     chunks=[[20, 21], [22, 23, 24], [25]],
                                     decode_rounds=[[t, (t + 1) % 96, (t + 2) % 96] for t in CONTINUATION])
     assert max(errors) < BATCH_TOLERANCE, errors
+
+
+def test_a_block_type_not_run_natively_falls_back_to_8_bit_groups(tmp_path, capfd):
+    """A weight of a type without a layout (Q5_1 here) is stored at q8f32_1, said once; the rest
+    keeps its blocks. Such a file's default is the target's scheme, as for any requantized model."""
+    from transformers import AutoModelForCausalLM
+
+    path = write_tiny_gguf(tmp_path / "mixed.gguf", {"blk.1.attn_output": "Q5_1"})
+    source = frontends.open_source(path)
+    try:
+        assert compile_module._default_scheme(source, targets.resolve("llvm")).name == "q4f32_1"  # pylint: disable=protected-access
+    finally:
+        source.close()
+    artifact = compile_model(path, target="llvm", quantization="gguf", output=tmp_path / "artifact", verbose=True)
+    notes = [line for line in capfd.readouterr().err.splitlines() if "natively" in line]
+    assert notes == ["relaxlm: weights in block types relaxlm does not run natively yet (Q5_1: 1 of 10) "
+                     "are stored as q8f32_1"]
+    manifest = Manifest.read(artifact)
+    assert "model.layers.1.self_attn.o_proj.q_weight" in manifest.params
+    assert "model.layers.1.self_attn.qkv_proj.parts.0.qs" in manifest.params
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    errors = prefill_and_decode_errors(TinyModel("mixed-gguf", reference, path, artifact))
+    assert max(errors) < Q8_BOUND, errors

@@ -11,7 +11,6 @@ for CUDA and one other target, each target for at least two families.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
