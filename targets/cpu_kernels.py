@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 
+import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 from tvm.script.ir_builder import IRBuilder
@@ -251,7 +252,8 @@ def block_gemv_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tuple], res
     Per sub-block (the weights sharing a scale) the codes are multiplied with ``x`` in vectors
     (positions unrolled: contiguous loads, constant shifts), then scaled once:
     ``x . w = sum scale * (x . code) + offset * sum(x)``, the sums of ``x`` per sub-block taken
-    once per call for the layouts with an offset. Output rows go in parallel blocks."""
+    once per call for the layouts with an offset. Output rows go in parallel blocks; each row
+    prefetches the one :data:`_PREFETCH_ROWS` ahead."""
     x_shape, out_shape = shapes[0], shapes[1]
     blocks, subs, lanes = k // layout.block, layout.block // layout.sub, F32_LANES
     rows = largest_divisor(n, (_GEMV_ROWS_PER_TASK, 8, 4, 2, 1))
@@ -279,6 +281,7 @@ def block_gemv_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tuple], res
                     total = IB.sblock_alloc_buffer((1,), "float32")
                     with IB.serial(0, rows) as r:
                         j = task * rows + r
+                        _prefetch_row(weight.values(), tirx.min(j + _PREFETCH_ROWS, n - 1))
                         with IB.vectorized(0, lanes) as lane:
                             IB.buffer_store(acc, 0.0, [lane])
                         IB.buffer_store(total, 0.0, [0])
@@ -300,6 +303,21 @@ def block_gemv_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tuple], res
                             IB.buffer_store(total, total[0] + acc[lane], [0])
                         IB.buffer_store(out_row, total[0] + added_row[j] if residual else total[0], [j])
     return builder.get()
+
+
+# Rows ahead whose weights block_gemv_cpu asks the caches for while it reads the current one: the
+# hardware prefetchers alone left a decode's stream of weights at about 8 GB/s on 2 cores.
+_PREFETCH_ROWS = 4
+_CACHE_LINE = 64
+
+
+def _prefetch_row(components, j) -> None:
+    """Prefetch row ``j`` of every component, one cache line at a time."""
+    for buffer in components:
+        row_bytes = int(buffer.shape[1]) * tvm.DataType(buffer.dtype).bits // 8
+        for offset in range(0, row_bytes, _CACHE_LINE):
+            element = offset * 8 // tvm.DataType(buffer.dtype).bits
+            IB.evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(buffer[j, element]), 0, 3, 1))
 
 
 def _sub_block_sums(x_row, k: int, sub: int):
