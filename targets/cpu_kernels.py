@@ -32,6 +32,11 @@ _GEMV_ROWS_PER_TASK = 16
 # Activation rows by weight rows of group_gemm_cpu's register tile: 12 accumulators, 2 weight
 # vectors and 1 activation vector fill 15 of AVX2's 16 registers.
 _GEMM_TILE_ROWS, _GEMM_TILE_COLS = 6, 2
+# Rows ahead whose weights the decode kernels ask the caches for while they read the current one:
+# the hardware prefetchers alone left a decode's stream of weights at about 8 GB/s on 2 cores.
+_PREFETCH_ROWS = 4
+_CACHE_LINE = 64
+_WORDS_PER_LINE = _CACHE_LINE // 4
 # The parameters of group_gemv_cpu and group_gemm_cpu, in order.
 GROUP_MATMUL_PARAMS = ("x", "packed", "scale", "residual", "out")
 
@@ -53,9 +58,11 @@ def group_gemv_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype
     its lane, so a block is 8 immediate shifts, masks, converts and FMAs against ``x`` permuted
     once per call to the same order (``x_planes``). The FMAs go to two partial sums (latency); the
     zero point comes off once per block, as 7 times each word's sum of ``x`` (``zero_sums``, once
-    per call), and then the lanes' group scales multiply. Each row's lanes are summed at its end. Output rows go in parallel blocks of :data:`_GEMV_ROWS_PER_TASK`."""
+    per call), and then the lanes' group scales multiply. Each row's lanes are summed at its end. Output rows go in parallel blocks of :data:`_GEMV_ROWS_PER_TASK`; each row prefetches the codes of the
+    one :data:`_PREFETCH_ROWS` ahead."""
     group, x_shape, out_shape = k // groups, shapes[0], shapes[1]
     blocks, lanes, rows = k // GEMV_BLOCK, PACKED_LANES, largest_divisor(n, (_GEMV_ROWS_PER_TASK, 8, 4, 2, 1))
+    words_per_row = k // lanes
 
     @T.macro
     def plane(partial, packed, x_planes, j, b, s):
@@ -103,6 +110,10 @@ def group_gemv_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype
                 total = T.sblock_alloc_buffer((1,), "float32")
                 for r in T.serial(rows):
                     j: T.let[T.int32] = task * rows + r
+                    ahead: T.let[T.int32] = T.min(j + _PREFETCH_ROWS, n - 1)
+                    for line in T.unroll(words_per_row // _WORDS_PER_LINE):
+                        T.evaluate(T.call_intrin("void", "tirx.prefetch",
+                                                 T.address_of(packed[ahead, line * _WORDS_PER_LINE]), 0, 3, 1))
                     for lane in T.vectorized(lanes):
                         acc[lane] = 0.0
                     for b in T.serial(blocks):
@@ -305,10 +316,6 @@ def block_gemv_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tuple], res
     return builder.get()
 
 
-# Rows ahead whose weights block_gemv_cpu asks the caches for while it reads the current one: the
-# hardware prefetchers alone left a decode's stream of weights at about 8 GB/s on 2 cores.
-_PREFETCH_ROWS = 4
-_CACHE_LINE = 64
 
 
 def _prefetch_row(components, j) -> None:
