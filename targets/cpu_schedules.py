@@ -232,14 +232,15 @@ class GroupMatmul(CPUScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
-        buffers = _group_matmul_buffers(func)
-        if buffers is None:
+        found = _quantized_projection(func, _group_weight)
+        if found is None:
             return None
+        _, buffers = found
         (n, words), groups = (int(d) for d in buffers["packed"].shape), int(buffers["scale"].shape[1])
-        k, rows = words * PACKED_LANES, buffers["x"].shape[:-1]
+        k = words * PACKED_LANES
         shapes = [tuple(buffers[r].shape) for r in ("x", "out")]
         scale_dtype, residual = str(buffers["scale"].dtype), "residual" in buffers
-        if all(isinstance(d, (int, tirx.IntImm)) and int(d) == 1 for d in rows):
+        if _one_row(buffers["x"]):
             if k % GEMV_BLOCK:
                 return None
             kernel = group_gemv_cpu(n, k, groups, shapes, scale_dtype, residual)
@@ -247,41 +248,43 @@ class GroupMatmul(CPUScheduleRule):
             if gemm_block_rows(n) is None:
                 return None
             kernel = group_gemm_cpu(n, k, groups, shapes, scale_dtype, residual)
-        # The parameters of the kernel it replaces, in their order, and its attributes.
-        param_of = dict(zip(GROUP_MATMUL_PARAMS, kernel.params))
-        params = [param_of[_role(buffers, p)] for p in func.params]
-        return s_tir.Schedule(tirx.PrimFunc(params, kernel.body, kernel.ret_type, func.attrs))
+        return _in_place_of(func, kernel, dict(zip(GROUP_MATMUL_PARAMS, kernel.params)), buffers)
 
 
-def _role(buffers: dict[str, tirx.Buffer], buffer: tirx.Buffer) -> str:
-    return next(role for role, b in buffers.items() if b.same_as(buffer))
+def _one_row(x: tirx.Buffer) -> bool:
+    """Whether the activations ``x`` are one row (decode) rather than several (prefill)."""
+    return all(isinstance(d, (int, tirx.IntImm)) and int(d) == 1 for d in x.shape[:-1])
 
 
-def _group_matmul_buffers(func: tirx.PrimFunc) -> dict[str, tirx.Buffer] | None:
-    """The buffers of a 4-bit projection kernel by role (``GROUP_MATMUL_PARAMS``), or None when
-    ``func`` is not one."""
+def _in_place_of(func: tirx.PrimFunc, kernel: tirx.PrimFunc, param_of: dict, buffers: dict) -> s_tir.Schedule:
+    """``kernel`` with the parameters of ``func``, the kernel it replaces, in their order (each
+    kernel parameter by its role, ``param_of``), and its attributes."""
+    params = [param_of[next(role for role, b in buffers.items() if b.same_as(p))] for p in func.params]
+    return s_tir.Schedule(tirx.PrimFunc(params, kernel.body, kernel.ret_type, func.attrs))
+
+
+def _quantized_projection(func: tirx.PrimFunc, weight_roles) -> tuple[tirx.SBlock, dict] | None:
+    """``(dequantize block, buffers by role)`` of a projection kernel as ``passes.fusion`` leaves
+    it — ``dequantize`` → NT matmul → optionally ``+ residual`` — or None when ``func`` is not one.
+    The roles are ``x``, ``out``, ``residual`` and those ``weight_roles(dequantize, weight)``
+    gives the stored arrays (None: not a weight this rule knows); float32 activations only."""
     sch = s_tir.Schedule(func)
     blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
-    names = [b.name_hint for b in blocks]
-    if names not in ([_DEQUANTIZE, "NT_matmul"], [_DEQUANTIZE, "NT_matmul", "T_add"]):
+    if [b.name_hint for b in blocks] not in ([_DEQUANTIZE, "NT_matmul"], [_DEQUANTIZE, "NT_matmul", "T_add"]):
         return None
     dequantize, matmul, *epilogue = blocks
     weight = dequantize.writes[0].source
-    packed, scale = (r.source for r in dequantize.reads) if len(dequantize.reads) == 2 else (None, None)
+    roles = weight_roles(dequantize, weight)
     x = [r.source for r in matmul.reads if not r.source.same_as(weight) and not r.source.same_as(matmul.writes[0].source)]
-    if packed is None or len(x) != 1 or str(packed.dtype) != "uint32":
+    if roles is None or len(x) != 1:
         return None
-    (n, words), (_, groups), k = packed.shape, scale.shape, weight.shape[1]
-    if not (int(words) * PACKED_LANES == int(k) and int(k) % int(groups) == 0
-            and (int(k) // int(groups)) % PACKED_LANES == 0 and int(n) == int(weight.shape[0])):
-        return None
-    buffers = {"x": x[0], "packed": packed, "scale": scale, "out": matmul.writes[0].source}
+    buffers = {**roles, "x": x[0], "out": matmul.writes[0].source}
     if epilogue:
         residual = _added_to(epilogue[0], buffers["out"])
         if residual is None:
             return None
         buffers.update(residual=residual, out=epilogue[0].writes[0].source)
-    float32 = all(str(buffers[r].dtype) == "float32" for r in buffers if r not in ("packed", "scale"))
+    float32 = all(str(buffers[r].dtype) == "float32" for r in buffers if r not in roles)
     if not (float32 and len(func.params) == len(buffers)
             and all(any(b.same_as(p) for p in func.params) for b in buffers.values())):
         return None
@@ -289,7 +292,21 @@ def _group_matmul_buffers(func: tirx.PrimFunc) -> dict[str, tirx.Buffer] | None:
         sch.compute_inline(sch.get_sblock(_DEQUANTIZE))
     except s_tir.ScheduleError:
         return None
-    return buffers if _is_nt_matmul(sch.get(sch.get_sblock("NT_matmul"))) else None
+    return (dequantize, buffers) if _is_nt_matmul(sch.get(sch.get_sblock("NT_matmul"))) else None
+
+
+def _group_weight(dequantize: tirx.SBlock, weight: tirx.Buffer) -> dict[str, tirx.Buffer] | None:
+    """``packed`` and ``scale`` of a 4-bit group dequantize (8 codes per uint32)."""
+    if len(dequantize.reads) != 2:
+        return None
+    packed, scale = (r.source for r in dequantize.reads)
+    if str(packed.dtype) != "uint32":
+        return None
+    (n, words), (_, groups), k = packed.shape, scale.shape, weight.shape[1]
+    if not (int(words) * PACKED_LANES == int(k) and int(k) % int(groups) == 0
+            and (int(k) // int(groups)) % PACKED_LANES == 0 and int(n) == int(weight.shape[0])):
+        return None
+    return {"packed": packed, "scale": scale}
 
 
 def _added_to(block: tirx.SBlock, result: tirx.Buffer) -> tirx.Buffer | None:
@@ -317,63 +334,37 @@ class BlockMatmul(CPUScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
-        found = _block_matmul_buffers(func)
+        found = _quantized_projection(func, _block_weight)
         if found is None:
             return None
-        layout, buffers = found
+        dequantize, buffers = found
+        layout = LAYOUTS[str(dequantize.annotations[LAYOUT_ATTR])]
         n, k = int(buffers["out"].shape[-1]), int(buffers["x"].shape[-1])
         shapes = [tuple(buffers[r].shape) for r in ("x", "out")]
         residual = "residual" in buffers
-        if all(isinstance(d, (int, tirx.IntImm)) and int(d) == 1 for d in buffers["x"].shape[:-1]):
+        if _one_row(buffers["x"]):
             kernel = block_gemv_cpu(layout, n, k, shapes, residual)
         elif gemm_block_rows(n) is not None:
             kernel = block_gemm_cpu(layout, n, k, shapes, residual)
         else:
             return None
-        param_of = {p.name: p for p in kernel.params}
-        params = [param_of[_role(buffers, p)] for p in func.params]
-        return s_tir.Schedule(tirx.PrimFunc(params, kernel.body, kernel.ret_type, func.attrs))
+        return _in_place_of(func, kernel, {p.name: p for p in kernel.params}, buffers)
 
 
-def _block_matmul_buffers(func: tirx.PrimFunc):
-    """``(layout, buffers by role)`` of a block-layout projection kernel — roles ``x``, the
-    layout's component names, ``residual``, ``out`` (and ``weight``, the dequantized buffer,
-    which is not a parameter) — or None when ``func`` is not one."""
-    sch = s_tir.Schedule(func)
-    blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
-    if [b.name_hint for b in blocks] not in ([_DEQUANTIZE, "NT_matmul"], [_DEQUANTIZE, "NT_matmul", "T_add"]):
-        return None
-    dequantize, matmul, *epilogue = blocks
+def _block_weight(dequantize: tirx.SBlock, weight: tirx.Buffer) -> dict[str, tirx.Buffer] | None:
+    """The components of a dequantize in one of llama.cpp's block layouts, by name: the layout
+    from the block's annotation, each component by its dtype and width."""
     layout = LAYOUTS.get(str(dequantize.annotations.get(LAYOUT_ATTR, "")))
-    if layout is None:
-        return None
-    weight = dequantize.writes[0].source
     k = int(weight.shape[1])
-    buffers = {"weight": weight}
+    if layout is None or k % layout.block:
+        return None
+    roles = {}
     for region in dequantize.reads:
         component = layout.component_of(str(region.source.dtype), int(region.source.shape[1]), k)
-        if component is None or component.name in buffers:
+        if component is None or component.name in roles:
             return None
-        buffers[component.name] = region.source
-    x = [r.source for r in matmul.reads if not r.source.same_as(weight) and not r.source.same_as(matmul.writes[0].source)]
-    if len(buffers) != len(layout.components) + 1 or len(x) != 1 or k % layout.block:
-        return None
-    buffers.update(x=x[0], out=matmul.writes[0].source)
-    if epilogue:
-        residual = _added_to(epilogue[0], buffers["out"])
-        if residual is None:
-            return None
-        buffers.update(residual=residual, out=epilogue[0].writes[0].source)
-    roles = {role: b for role, b in buffers.items() if role != "weight"}
-    float32 = all(str(buffers[r].dtype) == "float32" for r in ("x", "out", *(["residual"] if epilogue else [])))
-    if not (float32 and len(func.params) == len(roles)
-            and all(any(b.same_as(p) for p in func.params) for b in roles.values())):
-        return None
-    try:
-        sch.compute_inline(sch.get_sblock(_DEQUANTIZE))
-    except s_tir.ScheduleError:
-        return None
-    return (layout, roles) if _is_nt_matmul(sch.get(sch.get_sblock("NT_matmul"))) else None
+        roles[component.name] = region.source
+    return roles if len(roles) == len(layout.components) else None
 
 
 class _AttentionReplacement(CPUScheduleRule):

@@ -14,7 +14,7 @@ from relaxlm.passes.gguf_quantization import LAYOUT_ATTR
 from relaxlm.targets import resolve
 from relaxlm.targets.cpu_schedules import BlockMatmul, NTMatmul
 from support import random_blocks
-from test_cpu_schedules import dequantize_nt_matmul, nt_matmul, run
+from test_cpu_schedules import dequantize_nt_matmul, nt_matmul, replacement_by, run
 
 # 96 output rows (32-row prefill blocks, 16-row decode tasks), 512 inputs (two K-quant super-blocks).
 OUT, IN = 96, 512
@@ -52,13 +52,7 @@ def test_block_kernels_match_unscheduled(target, name, rows, residual):
     layout = LAYOUTS[name]
     rng = np.random.default_rng(2)
     func = block_matmul(layout, 1 if rows == 1 else tirx.Var("seq_len", "int64"), residual)
-    sch = BlockMatmul().apply(func, target, False)
-    assert sch is not None
-    replacement = sch.mod["main"]
-    assert [(tuple(p.shape), str(p.dtype)) for p in replacement.params] == [
-        (tuple(p.shape), str(p.dtype)) for p in func.params]
-    kernel = "gemv" if rows == 1 else "gemm"
-    assert f'T.sblock("{kernel}")' in replacement.script() and "T.parallel" in replacement.script()
+    replacement = replacement_by(BlockMatmul(), func, target, "gemv" if rows == 1 else "gemm")
     raw = random_blocks(layout, OUT, IN, seed=3)
     parts = layout.split(raw)
     x = rng.standard_normal((1, rows, IN), dtype="float32")

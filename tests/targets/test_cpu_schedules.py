@@ -40,6 +40,18 @@ def run(func: tirx.PrimFunc, target, args: list[np.ndarray], out_shape) -> np.nd
     return out.numpy()
 
 
+def replacement_by(rule, func: tirx.PrimFunc, target, kernel: str) -> tirx.PrimFunc:
+    """The hand-written kernel (its one block named ``kernel``) that ``rule`` puts in place of
+    ``func``, checked to take the replaced kernel's parameters in their order."""
+    sch = rule.apply(func, target, False)
+    assert sch is not None
+    replacement = sch.mod["main"]
+    assert [(tuple(p.shape), str(p.dtype)) for p in replacement.params] == [
+        (tuple(p.shape), str(p.dtype)) for p in func.params]
+    assert f'T.sblock("{kernel}")' in replacement.script() and "T.parallel" in replacement.script()
+    return replacement
+
+
 def test_decode_gemv_is_parallel_and_vectorised(target):
     sch = NTMatmul().apply(nt_matmul(1, 96, 64), target, False)
     assert sch is not None
@@ -125,13 +137,8 @@ def test_group_matmul_replaces_the_4_bit_kernels(target, rows, residual, group):
     with the replaced kernel's parameters in their order, and compute what the plain kernel does."""
     rng = np.random.default_rng(1)
     func = dequantize_nt_matmul(1 if rows == 1 else tirx.Var("seq_len", "int64"), 64, 128, residual, group=group)
-    sch = GroupMatmul().apply(func, target, False)
-    assert sch is not None
-    replacement = sch.mod["main"]
-    assert [(tuple(p.shape), str(p.dtype)) for p in replacement.params] == [
-        (tuple(p.shape), str(p.dtype)) for p in func.params]
-    kernel = "gemv" if rows == 1 else "gemm"
-    assert f'T.sblock("{kernel}")' in replacement.script() and "dequantize" not in replacement.script()
+    replacement = replacement_by(GroupMatmul(), func, target, "gemv" if rows == 1 else "gemm")
+    assert "dequantize" not in replacement.script()
     args = quantized_args(rng, rows, 64, 128, residual, group=group)
     expected = run(func, target, args, (1, rows, 64))
     np.testing.assert_allclose(run(replacement, target, args, (1, rows, 64)), expected, rtol=1e-5, atol=1e-5)
