@@ -56,10 +56,11 @@ TOKENIZER_FILES = (
 @dataclasses.dataclass(frozen=True)
 class BlockTensor:
     """A GGUF tensor as the file stores it: ``data`` is its rows of ``ggml_type`` blocks, uint8
-    ``[rows, bytes per row]``."""
+    ``[rows, bytes per row]``, each row holding ``columns`` weights."""
 
     ggml_type: str
     data: np.ndarray
+    columns: int
 
 
 class ModelSource:
@@ -196,7 +197,7 @@ class GGUFSource(ModelSource):
     def block_tensor(self, hf_name: str) -> BlockTensor:
         """The 2-D tensor ``hf_name`` as its raw blocks (see :class:`BlockTensor`)."""
         t = self._tensors[self._gguf_name(hf_name)]
-        return BlockTensor(t.tensor_type.name, np.asarray(t.data, dtype=np.uint8))
+        return BlockTensor(t.tensor_type.name, np.asarray(t.data, dtype=np.uint8), int(t.shape[0]))
 
     def save_tokenizer(self, dest: Path) -> bool:
         with _quiet_transformers():

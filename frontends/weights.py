@@ -65,8 +65,9 @@ def _block_parts(source, name: str, shape: tuple[int, ...], fixup: TensorFixup) 
         if rows.dtype != np.uint8 or rows.shape != block.data.shape:
             raise FrontendError(f"{hf}: the family's conversion of this weight needs its values; "
                                 "compile with a quantization other than gguf")
-        parts.append(BlockTensor(block.ggml_type, rows))
-    if sum(len(p.data) for p in parts) != shape[0]:
-        raise FrontendError(f"weight '{name}' has {sum(len(p.data) for p in parts)} rows but the config implies "
-                            f"{shape[0]}; the config and the weights do not belong together")
+        parts.append(BlockTensor(block.ggml_type, rows, block.columns))
+    found = (sum(len(p.data) for p in parts), *{p.columns for p in parts})
+    if found != tuple(shape):
+        raise FrontendError(f"weight '{name}' has shape {found} but the config implies {tuple(shape)}; "
+                            "the config and the weights do not belong together")
     return parts

@@ -115,8 +115,11 @@ class GGUFNative(QuantizationScheme):
 
 def _merged(parts: list[BlockTensor]) -> list[BlockTensor]:
     """Consecutive parts of one type as one (their block rows concatenated)."""
-    return [BlockTensor(ggml_type, np.concatenate([p.data for p in group]))
-            for ggml_type, group in itertools.groupby(parts, key=lambda p: p.ggml_type)]
+    merged = []
+    for ggml_type, group in itertools.groupby(parts, key=lambda p: p.ggml_type):
+        group = list(group)
+        merged.append(BlockTensor(ggml_type, np.concatenate([p.data for p in group]), group[0].columns))
+    return merged
 
 
 def dequantize_op(layout: BlockLayout, components: list[Tensor], rows: int, cols: int) -> Tensor:

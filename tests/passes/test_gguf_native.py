@@ -2,6 +2,7 @@
 gate/up of mixed types and an untied logits weight (tests/gguf_support.py). Reference:
 transformers loading the same file (it dequantizes every tensor to float32)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,3 +73,16 @@ def test_a_block_type_not_run_natively_falls_back_to_8_bit_groups(tmp_path, capf
     reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     errors = prefill_and_decode_errors(TinyModel("mixed-gguf", reference, path, artifact))
     assert max(errors) < Q8_BOUND, errors
+
+
+def test_blocks_of_another_shape_than_the_config_are_a_clear_error():
+    from relaxlm.frontends import BlockTensor, FrontendError
+    from relaxlm.frontends.weights import convert_weights
+
+    class Source:
+        def block_tensor(self, hf_name):
+            return BlockTensor("Q8_0", np.zeros((4, 34), np.uint8), 32)  # 4 rows of 32 weights
+
+    with pytest.raises(FrontendError, match="has shape .4, 32. but the config implies .4, 64."):
+        list(convert_weights(Source(), [("m.o_proj.weight", (4, 64), "float32")], lambda name, t: t,
+                             lambda name, shape: True))
