@@ -232,16 +232,20 @@ def chat(artifact, system, verbose, max_tokens, device, seed, **sampling):
 @click.option("--source", default=None,
               help="What the comparisons load: the HF directory, .gguf file or bundled alias the artifact was "
                    "compiled from (default: the one its manifest records).")
+@click.option("--llama-bench", "llama_bench", default=None,
+              help="llama.cpp's C++ llama-bench for --compare llama.cpp (default: the one on PATH; without one, "
+                   "llama-cpp-python).")
 @click.option("--threads", type=int, default=None, help="CPU threads for every runner (default: TVM_NUM_THREADS).")
 @click.option("--device", default="auto", show_default=True, help="Where relaxlm runs (the comparisons run on the CPU).")
 @reports_errors
-def bench(artifact, prompt_len, gen_len, runs, compare, source, threads, device):
+def bench(artifact, prompt_len, gen_len, runs, compare, source, llama_bench, threads, device):
     """Time prefill and decode of a compiled ARTIFACT (tokens/s, batch 1), optionally against other runners."""
     from relaxlm.runtime import load
     from relaxlm.runtime.bench import bench as run_bench
-    from relaxlm.runtime.bench import check_comparisons, configure_threads, format_table
+    from relaxlm.runtime.bench import check_comparisons, configure_threads, find_llama_bench, format_table
 
-    check_comparisons(list(compare))
+    llama_bench = find_llama_bench(llama_bench) if "llama.cpp" in compare else None
+    check_comparisons(list(compare), llama_bench)
     configure_threads(threads)
     if source is not None:
         from relaxlm.frontends.sources import BUNDLED, resolve_bundled
@@ -249,7 +253,7 @@ def bench(artifact, prompt_len, gen_len, runs, compare, source, threads, device)
         source = resolve_bundled(source) if source in BUNDLED else source
     model = load(artifact, device=device)
     result = run_bench(model, prompt_len=prompt_len, gen_len=gen_len, runs=runs, compare=compare, source=source,
-                       progress=lambda line: click.echo(f"relaxlm: {line}", err=True))
+                       progress=lambda line: click.echo(f"relaxlm: {line}", err=True), llama_bench=llama_bench)
     click.echo(format_table(result))
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
+import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -61,6 +64,17 @@ class Runner:
     def finish(self) -> None:
         """Release the state of the last prompt."""
 
+    def seconds(self, prompt: list[int], gen_len: int) -> tuple[float, float]:
+        """Seconds for the prefill of ``prompt`` and for ``gen_len`` decode steps after it."""
+        start = time.perf_counter()
+        token = self.prefill(prompt)
+        prefilled = time.perf_counter()
+        for _ in range(gen_len):
+            token = self.decode(token)
+        decoded = time.perf_counter()
+        self.finish()
+        return prefilled - start, decoded - prefilled
+
 
 class RelaxlmRunner(Runner):
     """The compiled artifact."""
@@ -85,15 +99,45 @@ class RelaxlmRunner(Runner):
             self.seq = None
 
 
+class LlamaBenchRunner(Runner):
+    """llama.cpp's own C++ ``llama-bench`` on the GGUF file, one repetition per round: the honest
+    anchor (llama-cpp-python's Python layer costs llama.cpp about a fifth of its decode speed).
+    It times a prompt of the same length and the same number of decode steps itself."""
+
+    def __init__(self, binary: Path, gguf: Path, threads: int):
+        self.binary, self.gguf, self.threads = binary, gguf, threads
+        self.name = "llama.cpp"
+        self.detail = f"llama-bench, {gguf.name}"
+
+    def seconds(self, prompt: list[int], gen_len: int) -> tuple[float, float]:
+        command = [str(self.binary), "-m", str(self.gguf), "-t", str(self.threads), "-p", str(len(prompt)),
+                   "-n", str(gen_len), "-r", "1", "-o", "json"]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=LLAMA_BENCH_TIMEOUT, check=False)
+            tests = json.loads(done.stdout) if done.returncode == 0 else None
+            speed = {("pp" if t["n_gen"] == 0 else "tg"): float(t["avg_ts"]) for t in tests or []}
+        except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, TypeError) as err:
+            raise BenchError(f"{self.binary} failed on {self.gguf.name} ({type(err).__name__}: {err})") from None
+        if set(speed) != {"pp", "tg"}:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BenchError(f"{self.binary} failed on {self.gguf.name} (exit {done.returncode}: {last})")
+        return len(prompt) / speed["pp"], gen_len / speed["tg"]
+
+
+# Seconds one llama-bench repetition may take.
+LLAMA_BENCH_TIMEOUT = 600
+
+
 class LlamaCppRunner(Runner):
-    """llama-cpp-python running the GGUF file, on the CPU."""
+    """llama-cpp-python running the GGUF file, on the CPU: the fallback where no ``llama-bench``
+    is at hand."""
 
     def __init__(self, gguf: Path, threads: int, context: int):
         import llama_cpp
 
         self._llama_cpp = llama_cpp
         self.name = "llama.cpp"
-        self.detail = gguf.name
+        self.detail = f"llama-cpp-python, {gguf.name}"
         self.llm = llama_cpp.Llama(str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads,
                                    n_gpu_layers=0, verbose=False)
 
@@ -153,16 +197,32 @@ REQUIREMENTS = {
     "llama.cpp": [("llama_cpp", "pip install 'relaxlm[bench]' (llama-cpp-python)")],
     "transformers": [("torch", "pip install torch"), ("transformers", "pip install transformers")],
 }
+LLAMA_BENCH_HINT = "llama.cpp's llama-bench (on PATH, or --llama-bench PATH; .ci/build_llama_cpp.sh builds it)"
 
 
-def check_comparisons(names: list[str]) -> None:
-    """Fail at once, in one line, on an unknown comparison or one whose package is missing."""
+def find_llama_bench(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The ``llama-bench`` to compare with: ``explicit``, else the one on PATH, else None."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise BenchError(f"--llama-bench {explicit}: not an executable file")
+        return path
+    found = shutil.which("llama-bench")
+    return Path(found) if found else None
+
+
+def check_comparisons(names: list[str], llama_bench: Path | None = None) -> None:
+    """Fail at once, in one line, on an unknown comparison or one whose package is missing
+    (``llama.cpp`` needs no package when ``llama_bench`` is there)."""
     for name in names:
         if name not in REQUIREMENTS:
             raise BenchError(f"unknown comparison '{name}' (known: {', '.join(REQUIREMENTS)})")
+        if name == "llama.cpp" and llama_bench is not None:
+            continue
         for module, install in REQUIREMENTS[name]:
             if importlib.util.find_spec(module) is None:
-                raise BenchError(f"--compare {name} needs the '{module}' package: {install}")
+                also = f" or {LLAMA_BENCH_HINT}" if name == "llama.cpp" else ""
+                raise BenchError(f"--compare {name} needs the '{module}' package: {install}{also}")
 
 
 def source_of(model: Model, source: str | os.PathLike | None = None) -> Path:
@@ -182,12 +242,14 @@ def source_of(model: Model, source: str | os.PathLike | None = None) -> Path:
     )
 
 
-def _comparison(name: str, source: Path) -> Callable[[int, int], Runner]:
+def _comparison(name: str, source: Path, llama_bench: Path | None) -> Callable[[int, int], Runner]:
     """How to build runner ``name`` from ``source`` (given threads and context); checks up front
     that the source suits it, so that a mismatch fails before anything slow has started."""
     if name == "llama.cpp":
         if source.suffix.lower() != ".gguf":
             raise BenchError(f"--compare llama.cpp needs a .gguf file, and {source} is not one; pass --source FILE.gguf")
+        if llama_bench is not None:
+            return lambda threads, context: LlamaBenchRunner(llama_bench, source, threads)
         return lambda threads, context: LlamaCppRunner(source, threads, context)
     if source.is_dir() or source.suffix.lower() == ".gguf":
         return lambda threads, context: TransformersRunner(source, threads)
@@ -213,18 +275,6 @@ class BenchResult:
     rows: list[BenchRow]
 
 
-def _time_one(runner: Runner, prompt: list[int], gen_len: int) -> tuple[float, float]:
-    """Seconds for the prefill of ``prompt`` and for ``gen_len`` decode steps after it."""
-    start = time.perf_counter()
-    token = runner.prefill(prompt)
-    prefilled = time.perf_counter()
-    for _ in range(gen_len):
-        token = runner.decode(token)
-    decoded = time.perf_counter()
-    runner.finish()
-    return prefilled - start, decoded - prefilled
-
-
 def measure(runners: list[Runner], prompt: list[int], gen_len: int, runs: int,
             progress: Callable[[str], None] | None = None) -> list[BenchRow]:
     """A warm-up round, then ``runs`` rounds with the runners interleaved; median speeds."""
@@ -233,7 +283,7 @@ def measure(runners: list[Runner], prompt: list[int], gen_len: int, runs: int,
         if progress:
             progress("warm-up" if round_ == 0 else f"run {round_}/{runs}")
         for i, runner in enumerate(runners):
-            seconds = _time_one(runner, prompt, gen_len)
+            seconds = runner.seconds(prompt, gen_len)
             if round_ > 0:
                 times[i].append(seconds)
     rows = []
@@ -245,19 +295,21 @@ def measure(runners: list[Runner], prompt: list[int], gen_len: int, runs: int,
 
 
 def bench(model: Model, prompt_len: int = 128, gen_len: int = 64, runs: int = 5, compare: tuple[str, ...] = (),
-          source: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None) -> BenchResult:
+          source: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None,
+          llama_bench: Path | None = None) -> BenchResult:
     """Benchmark ``model`` (and each runner named in ``compare``: ``llama.cpp``, ``transformers``).
 
     Call :func:`configure_threads` before the model is loaded; every runner then gets TVM's thread
-    count. ``source`` is the model file the comparisons load (see :func:`source_of`)."""
+    count. ``source`` is the model file the comparisons load (see :func:`source_of`); llama.cpp runs
+    as ``llama_bench`` (see :func:`find_llama_bench`) where given, else through llama-cpp-python."""
     for name, value, least in (("prompt length", prompt_len, 1), ("generation length", gen_len, 1), ("runs", runs, 1)):
         if value < least:
             raise BenchError(f"the {name} must be at least {least}, not {value}")
     if prompt_len + gen_len > model.context_window:
         raise BenchError(f"{prompt_len} + {gen_len} tokens exceed the context window of {model.context_window}")
-    check_comparisons(list(compare))
+    check_comparisons(list(compare), llama_bench)
     path = source_of(model, source) if compare else None
-    builders = {name: _comparison(name, path) for name in compare}
+    builders = {name: _comparison(name, path, llama_bench) for name in compare}
     threads = tvm_threads()
     runners: list[Runner] = [RelaxlmRunner(model)]
     for name, build in builders.items():
@@ -277,11 +329,13 @@ def format_table(result: BenchResult) -> str:
     lines = [
         f"{s['artifact']}: prompt {s['prompt_len']} tokens, {s['gen_len']} decode steps, batch 1, "
         f"{s['threads']} threads ({s['cpus']} CPUs), median of {s['runs']} runs after a warm-up",
-        f"{'engine':<46} {'prefill tok/s':>13} {'decode tok/s':>12} {'relaxlm/x prefill':>17} {'relaxlm/x decode':>16}",
     ]
+    labels = [f"{row.runner} ({row.detail})" for row in result.rows]
+    width = max(46, *(len(label) for label in labels))
+    lines.append(f"{'engine':<{width}} {'prefill tok/s':>13} {'decode tok/s':>12} {'relaxlm/x prefill':>17} "
+                 f"{'relaxlm/x decode':>16}")
     ours = result.rows[0]
-    for row in result.rows:
-        label = f"{row.runner} ({row.detail})"
-        lines.append(f"{label:<46} {row.prefill_tps:>13.1f} {row.decode_tps:>12.1f} "
+    for label, row in zip(labels, result.rows):
+        lines.append(f"{label:<{width}} {row.prefill_tps:>13.1f} {row.decode_tps:>12.1f} "
                      f"{ours.prefill_tps / row.prefill_tps:>17.2f} {ours.decode_tps / row.decode_tps:>16.2f}")
     return "\n".join(lines)
