@@ -106,7 +106,7 @@ class GGUFNative(QuantizationScheme):
         if isinstance(array, np.ndarray):
             if self.storage(name, array.shape) == FALLBACK_GROUPS:
                 return self.fallback.convert(name, array, importance, hessian)
-            return {name: array.astype(np.float32)}
+            return super().convert(name, array)
         prefix = name[: -len("weight")]
         return {f"{prefix}{PARTS}.{i}.{component}": values
                 for i, part in enumerate(_merged(array))
