@@ -225,6 +225,8 @@ def chat(artifact, system, verbose, max_tokens, device, seed, **sampling):
 @click.argument("artifact", type=click.Path())
 @click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True, help="Prompt tokens to prefill.")
 @click.option("--gen-len", type=click.IntRange(min=1), default=64, show_default=True, help="Decode steps after the prompt.")
+@click.option("--depth", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Tokens already in the cache before the prompt (untimed; llama-bench's -d).")
 @click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True,
               help="Timed runs after one warm-up (median).")
 @click.option("--compare", multiple=True, type=click.Choice(["llama.cpp", "transformers"]),
@@ -238,7 +240,7 @@ def chat(artifact, system, verbose, max_tokens, device, seed, **sampling):
 @click.option("--threads", type=int, default=None, help="CPU threads for every runner (default: TVM_NUM_THREADS).")
 @click.option("--device", default="auto", show_default=True, help="Where relaxlm runs (the comparisons run on the CPU).")
 @reports_errors
-def bench(artifact, prompt_len, gen_len, runs, compare, source, llama_bench, threads, device):
+def bench(artifact, prompt_len, gen_len, depth, runs, compare, source, llama_bench, threads, device):
     """Time prefill and decode of a compiled ARTIFACT (tokens/s, batch 1), optionally against other runners."""
     from relaxlm.runtime import load
     from relaxlm.runtime.bench import bench as run_bench
@@ -253,7 +255,8 @@ def bench(artifact, prompt_len, gen_len, runs, compare, source, llama_bench, thr
         source = resolve_bundled(source) if source in BUNDLED else source
     model = load(artifact, device=device)
     result = run_bench(model, prompt_len=prompt_len, gen_len=gen_len, runs=runs, compare=compare, source=source,
-                       progress=lambda line: click.echo(f"relaxlm: {line}", err=True), llama_bench=llama_bench)
+                       progress=lambda line: click.echo(f"relaxlm: {line}", err=True), llama_bench=llama_bench,
+                       depth=depth)
     click.echo(format_table(result))
 
 
