@@ -8,6 +8,8 @@ per :data:`KEY_TILE` keys.
 
 - :func:`decode_attention_cpu`: one query per sequence over its cached keys.
 - :func:`ragged_prefill_attention_cpu`: a prefill chunk's queries over the chunk's own keys.
+- :func:`paged_prefill_attention_cpu`: a prefill chunk's queries over the cached keys before it
+  (TVM's kernel walks every page of the whole cache for every query, one head at a time).
 - :func:`paged_prefill_sliding_window_cpu`: a prefill chunk's queries over the cached keys when
   the model has sliding-window layers. TVM's kernel for this reads uninitialised memory when a
   query's first cached key is masked (its running max stays unset) and rescales with an index out
@@ -218,6 +220,152 @@ def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tir
     return batch_prefill_ragged_kv
 
 
+# Queries per task of the query-blocked kernels: the vector lanes of scores and softmax state.
+QUERY_BLOCK = 16
+# Cephes' exp2f polynomial on [-1/2, 1/2]: 2^f = 1 + f * P(f), within 2e-7 relative.
+_EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
+              2.402264791363012e-1, 6.931472028550421e-1)
+
+
+def _exp2(x):
+    """2^x in float32 by a polynomial that LLVM vectorises (``T.exp2`` on a vector becomes one
+    libm call per lane); 0 below 2^-126, where TVM's "minus infinity" scores land."""
+    n = T.floor(x + T.float32(0.5))
+    f = x - n
+    poly = T.float32(_EXP2_POLY[0])
+    for coefficient in _EXP2_POLY[1:]:
+        poly = poly * f + T.float32(coefficient)
+    power = T.reinterpret("float32", T.shift_left(T.Cast("int32", T.max(n, T.float32(-126))) + 127, 23))
+    return T.if_then_else(x < T.float32(-126), T.float32(0), (f * poly + T.float32(1)) * power)
+
+
+@T.macro
+def _attend_block(qt, keys, values, n, key_base, ends, o, scores, state, acc, rows):
+    """Online softmax of a block of query rows over ``n`` keys (rows of ``keys``/``values``, at
+    positions ``key_base`` on): row ``r`` sees the keys before ``ends[r]``. Scores and softmax
+    state are vectors over the rows; ``qt`` holds the block's queries transposed and scaled."""
+    # state: (4 slots, rows): running max, its update, softmax sum, rescale.
+    for key in T.serial(n):
+        for r in T.vectorized(QUERY_BLOCK):
+            acc[r] = 0.0
+        for c in T.serial(qt.shape[0]):
+            for r in T.vectorized(QUERY_BLOCK):
+                acc[r] += T.Cast("float32", keys[key, c]) * qt[c, r]
+        for r in T.vectorized(QUERY_BLOCK):
+            scores[key, r] = T.if_then_else(key_base + key < ends[r], acc[r], T.float32(_NEG))
+    for r in T.vectorized(QUERY_BLOCK):
+        state[_NEW_MAX, r] = state[_MAX, r]
+    for key in T.serial(n):
+        for r in T.vectorized(QUERY_BLOCK):
+            state[_NEW_MAX, r] = T.max(state[_NEW_MAX, r], scores[key, r])
+    for r in T.vectorized(QUERY_BLOCK):
+        state[_RESCALE, r] = _exp2(state[_MAX, r] - state[_NEW_MAX, r])
+        state[_SUM, r] *= state[_RESCALE, r]
+        state[_MAX, r] = state[_NEW_MAX, r]
+    for key in T.serial(n):
+        for r in T.vectorized(QUERY_BLOCK):
+            scores[key, r] = T.if_then_else(key_base + key < ends[r], _exp2(scores[key, r] - state[_MAX, r]),
+                                            T.float32(0))
+            state[_SUM, r] += scores[key, r]
+    for r in T.serial(rows):
+        for c0 in T.serial(o.shape[1] // F32_LANES):
+            for lane in T.vectorized(F32_LANES):
+                acc[lane] = o[r, c0 * F32_LANES + lane] * state[_RESCALE, r]
+            for key in T.serial(n):
+                for lane in T.vectorized(F32_LANES):
+                    acc[lane] += scores[key, r] * T.Cast("float32", values[key, c0 * F32_LANES + lane])
+            for lane in T.vectorized(F32_LANES):
+                o[r, c0 * F32_LANES + lane] = acc[lane]
+
+
+def paged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = KEY_TILE) -> tirx.PrimFunc:
+    """The queries of a prefill chunk over the cached keys of their sequence, with TVM's mask:
+    all of them, or with ``causal`` those up to the query's own position. Each task is a block of
+    :data:`QUERY_BLOCK` queries of one sequence and one head, which share every key they read:
+    scores and softmax run as vectors over the block, and no dot product needs a horizontal sum."""
+    group, block = h_q // h_kv, QUERY_BLOCK
+
+    @T.prim_func(s_tir=True)
+    def batch_prefill_paged_kv_cpu(
+        var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
+        var_page_values: T.handle, var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
+        var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle,
+        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        batch_size, total_len = T.int32(), T.int32()
+        q = T.match_buffer(var_q, (total_len, h_q, d), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", offset_factor=1)
+        pages, page_indptr, page_values, last_page_len = _paged_cache(
+            var_pages, var_page_indptr, var_page_values, var_length_info, batch_size, h_kv, page_size, d, dtype, False)
+        output, lse = _results(var_output, var_lse, total_len, h_q, d, dtype)
+        _no_rope(var_k_rope_pos_offset, var_q_rope_position, rotary_mode, batch_size, total_len)
+        # Each sequence's rows in blocks; at most this many blocks in all.
+        for task in T.parallel((total_len // block + batch_size) * h_q):
+            with T.sblock("attn"):
+                T.reads(_whole(q, q_indptr, pages, page_indptr, page_values, last_page_len))
+                T.writes(_whole(output, lse))
+                qt = T.sblock_alloc_buffer((d, block), "float32")
+                o = T.sblock_alloc_buffer((block, d), "float32")
+                scores = T.sblock_alloc_buffer((page_size, block), "float32")
+                state = T.sblock_alloc_buffer((4, block), "float32")
+                acc = T.sblock_alloc_buffer((block,), "float32")
+                ends = T.sblock_alloc_buffer((block,), "int32")
+                where = T.sblock_alloc_buffer((2,), "int32")
+                h: T.let[T.int32] = task % h_q
+                _block_of(q_indptr, task // h_q, block, where)
+                b: T.let[T.int32] = where[0]
+                first_row: T.let[T.int32] = where[1]
+                rows: T.let[T.int32] = T.if_then_else(b < batch_size, T.min(block, q_indptr[b + 1] - first_row), 0)
+                if rows > 0:
+                    begin: T.let[T.int32] = page_indptr[b]
+                    kv_len: T.let[T.int32] = T.if_then_else(
+                        page_indptr[b + 1] != begin, (page_indptr[b + 1] - begin - 1) * page_size + last_page_len[b], 0)
+                    qo_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                    for r in T.serial(block):
+                        # TVM's _causal_mask: with causal, the chunk's queries end where the keys end.
+                        ends[r] = T.if_then_else(r < rows, T.if_then_else(
+                            causal > 0, T.min(T.max(kv_len - qo_len + first_row - q_indptr[b] + r + 1, 0), kv_len),
+                            kv_len), 0)
+                        for c in T.serial(d):
+                            qt[c, r] = T.if_then_else(
+                                r < rows, T.Cast("float32", q[T.min(first_row + r, total_len - 1), h, c]), 0.0
+                            ) * sm_scale * _LOG2_E
+                        state[_MAX, r] = _NEG
+                        state[_SUM, r] = 1.0
+                        for c in T.serial(d):
+                            o[r, c] = 0.0
+                    for p in T.serial(T.ceildiv(ends[rows - 1], page_size)):
+                        page: T.let[T.int32] = page_values[begin + p]
+                        keys = T.decl_buffer((page_size, d), dtype, data=pages.data, elem_offset=(
+                            ((page * 2 + 0) * h_kv + h // group) * page_size) * d)
+                        values = T.decl_buffer((page_size, d), dtype, data=pages.data, elem_offset=(
+                            ((page * 2 + 1) * h_kv + h // group) * page_size) * d)
+                        _attend_block(qt, keys, values, T.min(page_size, ends[rows - 1] - p * page_size),
+                                      p * page_size, ends, o, scores, state, acc, rows)
+                    for r in T.serial(rows):
+                        for c in T.vectorized(d):
+                            output[first_row + r, h, c] = T.Cast(dtype, o[r, c] / state[_SUM, r])
+                        lse[first_row + r, h] = state[_MAX, r] + T.log2(state[_SUM, r])
+
+    return batch_prefill_paged_kv_cpu
+
+
+@T.macro
+def _block_of(q_indptr, index, block, where):
+    """Block ``index`` of the rows, counted sequence by sequence in blocks of ``block`` rows:
+    its sequence and first row (sequence ``batch_size`` where there is no such block)."""
+    where[0] = q_indptr.shape[0] - 1
+    where[1] = 0
+    blocks_before = T.sblock_alloc_buffer((1,), "int32")
+    blocks_before[0] = 0
+    for i in T.serial(q_indptr.shape[0] - 1):
+        blocks: T.let[T.int32] = T.ceildiv(q_indptr[i + 1] - q_indptr[i], block)
+        if where[0] == q_indptr.shape[0] - 1 and index < blocks_before[0] + blocks:
+            where[0] = i
+            where[1] = q_indptr[i] + (index - blocks_before[0]) * block
+        blocks_before[0] += blocks
+
+
 @T.macro
 def _sequence_of(q_indptr, row, seq):
     """The sequence of query ``row``: the last one starting at or before it (empty ones included)."""
@@ -291,4 +439,4 @@ def kv_cache_kernels(spec) -> dict[str, tirx.PrimFunc]:
 
 
 __all__ = ["KEY_TILE", "PAGED_PREFILL_SLIDING_CPU", "decode_attention_cpu", "kv_cache_kernels",
-           "paged_prefill_sliding_window_cpu", "ragged_prefill_attention_cpu"]
+           "paged_prefill_attention_cpu", "paged_prefill_sliding_window_cpu", "ragged_prefill_attention_cpu"]

@@ -28,7 +28,7 @@ from tvm.s_tir.dlight.base import try_inline, try_inline_contiguous_spatial
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .cpu_attention import KEY_TILE, decode_attention_cpu, ragged_prefill_attention_cpu
+from .cpu_attention import KEY_TILE, decode_attention_cpu, paged_prefill_attention_cpu, ragged_prefill_attention_cpu
 from relaxlm.passes.gguf_blocks import LAYOUTS
 from relaxlm.passes.gguf_quantization import LAYOUT_ATTR
 
@@ -418,6 +418,20 @@ class RaggedPrefillAttention(_AttentionReplacement):
         return ragged_prefill_attention_cpu(int(h_kv), int(h_q), int(d), str(q.dtype))
 
 
+class PagedPrefillAttention(_AttentionReplacement):
+    """A prefill chunk's queries over the cached keys before it: :func:`paged_prefill_attention_cpu`."""
+
+    replaces = "batch_prefill_paged_kv_cpu"
+
+    @staticmethod
+    def kernel(reads: dict) -> tirx.PrimFunc | None:
+        q, pages = reads["q"], reads["pages"]
+        (_, h_q, d), (_, _, h_kv, page_size, _) = q.shape, pages.shape
+        if int(d) % F32_LANES or int(page_size) != KEY_TILE:
+            return None
+        return paged_prefill_attention_cpu(int(h_kv), int(h_q), int(d), str(q.dtype))
+
+
 class SplitQKV(CPUScheduleRule):
     """Replaces the KV cache's split of the fused qkv (TVM's ``fused_rope``, left unscheduled)
     with :func:`split_qkv_cpu`."""
@@ -439,7 +453,8 @@ class SplitQKV(CPUScheduleRule):
 
 def cpu_rules() -> list:
     """The dlight rules for the ``llvm`` target, most specific first."""
-    return [GroupMatmul(), BlockMatmul(), NTMatmul(), DecodeAttention(), RaggedPrefillAttention(), SplitQKV(), Injective()]
+    return [GroupMatmul(), BlockMatmul(), NTMatmul(), DecodeAttention(), RaggedPrefillAttention(),
+            PagedPrefillAttention(), SplitQKV(), Injective()]
 
 
 __all__ = ["BlockMatmul", "DecodeAttention", "GroupMatmul", "Injective", "NTMatmul", "RaggedPrefillAttention", "SplitQKV", "cpu_rules"]

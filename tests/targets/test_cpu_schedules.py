@@ -10,7 +10,8 @@ from tvm import te, tirx
 
 from relaxlm.passes import get_scheme
 from relaxlm.targets import resolve
-from relaxlm.targets.cpu_schedules import (DecodeAttention, GroupMatmul, Injective, NTMatmul, RaggedPrefillAttention,
+from relaxlm.targets.cpu_schedules import (DecodeAttention, GroupMatmul, Injective, NTMatmul, PagedPrefillAttention,
+                                            RaggedPrefillAttention,
                                            SplitQKV)
 
 
@@ -214,6 +215,25 @@ def test_ragged_prefill_attention_matches_tvms_kernel(target, q_lengths, kv_leng
     assert_same_attention(results)
 
 
+@pytest.mark.parametrize("q_lengths, kv_lengths, causal", [
+    ([128], [300], 0), ([3, 7], [16, 0], 0), ([4, 2, 6], [10, 33, 6], 1), ([4], [9], 1), ([20, 17], [40, 33], 1)])
+def test_paged_prefill_attention_matches_tvms_kernel(target, q_lengths, kv_lengths, causal):
+    """Reference: TVM's own CPU kernel for a prefill chunk's queries over the cached keys (GQA),
+    where every causal query sees a key (a query that sees none gets the mean of the masked values
+    from TVM's kernel: the runtime never asks for it)."""
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu
+
+    tvms = _attention_prefill_cpu(3, 9, 64, "float32", False, {})
+    sch = PagedPrefillAttention().apply(tvms, target, False)
+    assert sch is not None and "T.parallel" in sch.mod["main"].script()
+    rng = np.random.default_rng(1)
+    rows = sum(q_lengths)
+    arrays = [rng.standard_normal((rows, 9, 64), dtype="float32"), np.cumsum([0, *q_lengths]).astype("int32"),
+              *paged_kv(rng, kv_lengths), np.zeros(len(q_lengths), "int32"), np.zeros(rows, "int32")]
+    results = attention_results([tvms, sch.mod["main"]], target, arrays, rows, causal, 0, 1.0, 1e4, 0.125)
+    assert_same_attention(results)
+
+
 @pytest.mark.parametrize("tokens", [1, 40])
 def test_split_qkv_matches_tvms_kernel(target, tokens):
     """Reference: TVM's KV-cache kernel that splits the fused qkv, with RoPE off (``apply_rope``
@@ -235,7 +255,7 @@ def test_split_qkv_matches_tvms_kernel(target, tokens):
     np.testing.assert_array_equal(results[1][0], qkv[:, :9])
 
 def test_attention_replacements_leave_other_kernels_alone(target):
-    for rule in (DecodeAttention(), RaggedPrefillAttention()):
+    for rule in (DecodeAttention(), RaggedPrefillAttention(), PagedPrefillAttention()):
         assert rule.apply(nt_matmul(1, 96, 64), target, False) is None
 
 
