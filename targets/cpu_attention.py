@@ -6,7 +6,8 @@ every key. Here each (query, head) pair is a parallel task, ``q . k`` is vectori
 softmax (:func:`_start`, :func:`_attend`, :func:`_finish`, shared by every kernel) rescales once
 per :data:`KEY_TILE` keys.
 
-- :func:`decode_attention_cpu`: one query per sequence over its cached keys.
+- :func:`decode_attention_cpu`: one query per sequence over its cached keys; the query heads of
+  a kv head read its keys once, and a long sequence is split among several tasks.
 - :func:`ragged_prefill_attention_cpu`: a prefill chunk's queries over the chunk's own keys.
 - :func:`paged_prefill_attention_cpu`: a prefill chunk's queries over the cached keys before it
   (TVM's kernel walks every page of the whole cache for every query, one head at a time).
@@ -138,12 +139,76 @@ def _results(var_output, var_lse, rows, h_q: int, d: int, dtype: str):
     return T.match_buffer(var_output, (rows, h_q, d), dtype), T.match_buffer(var_lse, (rows, h_q), "float32")
 
 
+# Decode splits a sequence's pages among at most this many tasks, of at least this many pages.
+DECODE_SPLITS, DECODE_SPLIT_PAGES = 8, 4
+# Queries per task of the query-blocked kernels: the vector lanes of scores and softmax state.
+QUERY_BLOCK = 16
+# Cephes' exp2f polynomial on [-1/2, 1/2]: 2^f = 1 + f * P(f), within 2e-7 relative.
+_EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
+              2.402264791363012e-1, 6.931472028550421e-1)
+
+
+def _exp2(x):
+    """2^x in float32 by a polynomial that LLVM vectorises (``T.exp2`` on a vector becomes one
+    libm call per lane); 0 below 2^-126, where TVM's "minus infinity" scores land."""
+    n = T.floor(x + T.float32(0.5))
+    f = x - n
+    poly = T.float32(_EXP2_POLY[0])
+    for coefficient in _EXP2_POLY[1:]:
+        poly = poly * f + T.float32(coefficient)
+    power = T.reinterpret("float32", T.shift_left(T.Cast("int32", T.max(n, T.float32(-126))) + 127, 23))
+    return T.if_then_else(x < T.float32(-126), T.float32(0), (f * poly + T.float32(1)) * power)
+
+
+@T.macro
+def _attend_block(qt, keys, values, n, key_base, ends, o, scores, state, acc, rows):
+    """Online softmax of a block of query rows (``ends.shape[0]`` lanes, ``rows`` of them real)
+    over ``n`` keys (rows of ``keys``/``values``, at positions ``key_base`` on): row ``r`` sees the
+    keys before ``ends[r]``. Scores and softmax state are vectors over the rows; ``qt`` holds the
+    block's queries transposed and scaled by ``sm_scale * log2(e)``."""
+    # state: (4 slots, rows): running max, its update, softmax sum, rescale.
+    for key in T.serial(n):
+        for r in T.vectorized(ends.shape[0]):
+            acc[r] = 0.0
+        for c in T.serial(qt.shape[0]):
+            for r in T.vectorized(ends.shape[0]):
+                acc[r] += T.Cast("float32", keys[key, c]) * qt[c, r]
+        for r in T.vectorized(ends.shape[0]):
+            scores[key, r] = T.if_then_else(key_base + key < ends[r], acc[r], T.float32(_NEG))
+    for r in T.vectorized(ends.shape[0]):
+        state[_NEW_MAX, r] = state[_MAX, r]
+    for key in T.serial(n):
+        for r in T.vectorized(ends.shape[0]):
+            state[_NEW_MAX, r] = T.max(state[_NEW_MAX, r], scores[key, r])
+    for r in T.vectorized(ends.shape[0]):
+        state[_RESCALE, r] = _exp2(state[_MAX, r] - state[_NEW_MAX, r])
+        state[_SUM, r] *= state[_RESCALE, r]
+        state[_MAX, r] = state[_NEW_MAX, r]
+    for key in T.serial(n):
+        for r in T.vectorized(ends.shape[0]):
+            scores[key, r] = T.if_then_else(key_base + key < ends[r], _exp2(scores[key, r] - state[_MAX, r]),
+                                            T.float32(0))
+            state[_SUM, r] += scores[key, r]
+    for r in T.serial(rows):
+        for c0 in T.serial(o.shape[1] // F32_LANES):
+            for lane in T.vectorized(F32_LANES):
+                acc[lane] = o[r, c0 * F32_LANES + lane] * state[_RESCALE, r]
+            for key in T.serial(n):
+                for lane in T.vectorized(F32_LANES):
+                    acc[lane] += scores[key, r] * T.Cast("float32", values[key, c0 * F32_LANES + lane])
+            for lane in T.vectorized(F32_LANES):
+                o[r, c0 * F32_LANES + lane] = acc[lane]
+
+
 # pylint: disable=invalid-name,unused-argument,too-many-arguments,too-many-locals
 def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFunc:
-    """One query per sequence over its cached keys. Each (sequence, head) is one parallel task,
-    which attends to one page of keys at a time. relaxlm applies RoPE in the model
-    (``RopeMode.NONE``): ``rotary_mode`` is 0."""
-    group, page_size = h_q // h_kv, KEY_TILE
+    """One query per sequence over its cached keys. The query heads that share a kv head read its
+    keys once, as one block (:func:`_attend_block`); a long sequence's pages are split among up
+    to :data:`DECODE_SPLITS` tasks (at least :data:`DECODE_SPLIT_PAGES` pages each), whose partial
+    softmaxes a second loop merges, so that one sequence keeps every thread busy. relaxlm applies
+    RoPE in the model (``RopeMode.NONE``): ``rotary_mode`` is 0."""
+    group, page_size, splits = h_q // h_kv, KEY_TILE, DECODE_SPLITS
+    lanes = 1 << (group - 1).bit_length()
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv_cpu(
@@ -158,20 +223,88 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFu
             var_pages, var_page_indptr, var_page_values, var_length_info, batch_size, h_kv, page_size, d, dtype, False)
         output, lse = _results(var_output, var_lse, batch_size, h_q, d, dtype)
         _no_rope(var_k_rope_pos_offset, var_q_rope_position, rotary_mode, batch_size, batch_size)
-        for task in T.parallel(batch_size * h_q):
+        # Each split's unnormalised output, and its running max and sum.
+        partial = T.alloc_buffer((batch_size, h_kv, splits, lanes, d), "float32")
+        partial_state = T.alloc_buffer((batch_size, h_kv, splits, 2, lanes), "float32")
+        for task in T.parallel(batch_size * h_kv * splits):
             with T.sblock("attn"):
                 T.reads(_whole(q, pages, page_indptr, page_values, last_page_len))
-                T.writes(_whole(output, lse))
-                o, partial, score, state = _softmax_buffers(d, page_size)
-                b: T.let[T.int32] = task // h_q
+                T.writes(_whole(partial, partial_state))
+                qt = T.sblock_alloc_buffer((d, lanes), "float32")
+                o = T.sblock_alloc_buffer((lanes, d), "float32")
+                scores = T.sblock_alloc_buffer((page_size, lanes), "float32")
+                state = T.sblock_alloc_buffer((4, lanes), "float32")
+                acc = T.sblock_alloc_buffer((max(lanes, F32_LANES),), "float32")
+                ends = T.sblock_alloc_buffer((lanes,), "int32")
+                b: T.let[T.int32] = task // (h_kv * splits)
+                kv: T.let[T.int32] = task // splits % h_kv
+                split: T.let[T.int32] = task % splits
                 begin: T.let[T.int32] = page_indptr[b]
-                length: T.let[T.int32] = (page_indptr[b + 1] - begin - 1) * page_size + last_page_len[b]
-                _start(o, state)
-                _attend_pages(_row(q, task, d), pages, page_values, begin, task % h_q // group, 0, length, sm_scale,
-                              o, partial, score, state)
-                _finish(o, state, _row(output, task, d), lse, b, task % h_q)
+                length: T.let[T.int32] = _decode_length(page_indptr, last_page_len, b, page_size)
+                per_split: T.let[T.int32] = _pages_per_split(page_indptr, b, splits)
+                for r in T.serial(lanes):
+                    ends[r] = T.if_then_else(r < group, length, 0)
+                    for c in T.serial(d):
+                        qt[c, r] = T.if_then_else(
+                            r < group, T.Cast("float32", q[b, kv * group + T.min(r, group - 1), c]), 0.0
+                        ) * sm_scale * _LOG2_E
+                    state[_MAX, r] = _NEG
+                    state[_SUM, r] = 1.0
+                    for c in T.serial(d):
+                        o[r, c] = 0.0
+                for p in T.serial(split * per_split, T.min(page_indptr[b + 1] - begin, (split + 1) * per_split)):
+                    page: T.let[T.int32] = page_values[begin + p]
+                    keys = T.decl_buffer((page_size, d), dtype, data=pages.data, elem_offset=(
+                        ((page * 2 + 0) * h_kv + kv) * page_size) * d)
+                    values = T.decl_buffer((page_size, d), dtype, data=pages.data, elem_offset=(
+                        ((page * 2 + 1) * h_kv + kv) * page_size) * d)
+                    _attend_block(qt, keys, values, T.min(page_size, length - p * page_size), p * page_size, ends, o,
+                                  scores, state, acc, group)
+                for r in T.serial(lanes):
+                    partial_state[b, kv, split, 0, r] = state[_MAX, r]
+                    partial_state[b, kv, split, 1, r] = state[_SUM, r]
+                    for c in T.vectorized(d):
+                        partial[b, kv, split, r, c] = o[r, c]
+        for task in T.parallel(batch_size * h_q):
+            with T.sblock("merge"):
+                T.reads(_whole(partial, partial_state, page_indptr, last_page_len))
+                T.writes(_whole(output, lse))
+                merged = T.sblock_alloc_buffer((d,), "float32")
+                total = T.sblock_alloc_buffer((2,), "float32")
+                b: T.let[T.int32] = task // h_q
+                kv: T.let[T.int32] = task % h_q // group
+                r: T.let[T.int32] = task % group
+                # The splits that hold keys (none for an empty sequence: output 0, lse as TVM's).
+                used: T.let[T.int32] = T.ceildiv(page_indptr[b + 1] - page_indptr[b],
+                                                 _pages_per_split(page_indptr, b, splits))
+                total[0] = _NEG
+                for split in T.serial(used):
+                    total[0] = T.max(total[0], partial_state[b, kv, split, 0, r])
+                total[1] = T.if_then_else(used > 0, 0.0, 1.0)
+                for c in T.vectorized(d):
+                    merged[c] = 0.0
+                for split in T.serial(used):
+                    weight: T.let[T.float32] = T.exp2(partial_state[b, kv, split, 0, r] - total[0])
+                    total[1] += partial_state[b, kv, split, 1, r] * weight
+                    for c in T.vectorized(d):
+                        merged[c] += partial[b, kv, split, r, c] * weight
+                for c in T.vectorized(d):
+                    output[b, task % h_q, c] = T.Cast(dtype, merged[c] / total[1])
+                lse[b, task % h_q] = total[0] + T.log2(total[1])
 
     return batch_decode_paged_kv_cpu
+
+
+def _decode_length(page_indptr, last_page_len, b, page_size: int):
+    """The cached keys of sequence ``b``."""
+    pages = page_indptr[b + 1] - page_indptr[b]
+    return T.if_then_else(pages > 0, (pages - 1) * page_size + last_page_len[b], 0)
+
+
+def _pages_per_split(page_indptr, b, splits: int):
+    """Pages per decode task for sequence ``b``: its pages over ``splits`` tasks, at least
+    :data:`DECODE_SPLIT_PAGES` (a split's fixed costs outweigh fewer keys)."""
+    return T.max(T.ceildiv(page_indptr[b + 1] - page_indptr[b], splits), DECODE_SPLIT_PAGES)
 
 
 def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFunc:
@@ -218,64 +351,6 @@ def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tir
                 _finish(o, state, _row(output, task, d), lse, row, h)
 
     return batch_prefill_ragged_kv
-
-
-# Queries per task of the query-blocked kernels: the vector lanes of scores and softmax state.
-QUERY_BLOCK = 16
-# Cephes' exp2f polynomial on [-1/2, 1/2]: 2^f = 1 + f * P(f), within 2e-7 relative.
-_EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
-              2.402264791363012e-1, 6.931472028550421e-1)
-
-
-def _exp2(x):
-    """2^x in float32 by a polynomial that LLVM vectorises (``T.exp2`` on a vector becomes one
-    libm call per lane); 0 below 2^-126, where TVM's "minus infinity" scores land."""
-    n = T.floor(x + T.float32(0.5))
-    f = x - n
-    poly = T.float32(_EXP2_POLY[0])
-    for coefficient in _EXP2_POLY[1:]:
-        poly = poly * f + T.float32(coefficient)
-    power = T.reinterpret("float32", T.shift_left(T.Cast("int32", T.max(n, T.float32(-126))) + 127, 23))
-    return T.if_then_else(x < T.float32(-126), T.float32(0), (f * poly + T.float32(1)) * power)
-
-
-@T.macro
-def _attend_block(qt, keys, values, n, key_base, ends, o, scores, state, acc, rows):
-    """Online softmax of a block of query rows over ``n`` keys (rows of ``keys``/``values``, at
-    positions ``key_base`` on): row ``r`` sees the keys before ``ends[r]``. Scores and softmax
-    state are vectors over the rows; ``qt`` holds the block's queries transposed and scaled."""
-    # state: (4 slots, rows): running max, its update, softmax sum, rescale.
-    for key in T.serial(n):
-        for r in T.vectorized(QUERY_BLOCK):
-            acc[r] = 0.0
-        for c in T.serial(qt.shape[0]):
-            for r in T.vectorized(QUERY_BLOCK):
-                acc[r] += T.Cast("float32", keys[key, c]) * qt[c, r]
-        for r in T.vectorized(QUERY_BLOCK):
-            scores[key, r] = T.if_then_else(key_base + key < ends[r], acc[r], T.float32(_NEG))
-    for r in T.vectorized(QUERY_BLOCK):
-        state[_NEW_MAX, r] = state[_MAX, r]
-    for key in T.serial(n):
-        for r in T.vectorized(QUERY_BLOCK):
-            state[_NEW_MAX, r] = T.max(state[_NEW_MAX, r], scores[key, r])
-    for r in T.vectorized(QUERY_BLOCK):
-        state[_RESCALE, r] = _exp2(state[_MAX, r] - state[_NEW_MAX, r])
-        state[_SUM, r] *= state[_RESCALE, r]
-        state[_MAX, r] = state[_NEW_MAX, r]
-    for key in T.serial(n):
-        for r in T.vectorized(QUERY_BLOCK):
-            scores[key, r] = T.if_then_else(key_base + key < ends[r], _exp2(scores[key, r] - state[_MAX, r]),
-                                            T.float32(0))
-            state[_SUM, r] += scores[key, r]
-    for r in T.serial(rows):
-        for c0 in T.serial(o.shape[1] // F32_LANES):
-            for lane in T.vectorized(F32_LANES):
-                acc[lane] = o[r, c0 * F32_LANES + lane] * state[_RESCALE, r]
-            for key in T.serial(n):
-                for lane in T.vectorized(F32_LANES):
-                    acc[lane] += scores[key, r] * T.Cast("float32", values[key, c0 * F32_LANES + lane])
-            for lane in T.vectorized(F32_LANES):
-                o[r, c0 * F32_LANES + lane] = acc[lane]
 
 
 def paged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = KEY_TILE) -> tirx.PrimFunc:

@@ -457,4 +457,5 @@ def cpu_rules() -> list:
             PagedPrefillAttention(), SplitQKV(), Injective()]
 
 
-__all__ = ["BlockMatmul", "DecodeAttention", "GroupMatmul", "Injective", "NTMatmul", "RaggedPrefillAttention", "SplitQKV", "cpu_rules"]
+__all__ = ["BlockMatmul", "DecodeAttention", "GroupMatmul", "Injective", "NTMatmul", "PagedPrefillAttention",
+           "RaggedPrefillAttention", "SplitQKV", "cpu_rules"]

@@ -180,7 +180,7 @@ def assert_same_attention(results):
     np.testing.assert_allclose(lse, lse_tvm, rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("lengths", [[1], [16], [136], [17, 40, 5], [0, 20]])
+@pytest.mark.parametrize("lengths", [[1], [16], [136], [17, 40, 5], [0, 20], [1000, 3], [515]])
 def test_decode_attention_matches_tvms_kernel(target, lengths):
     """Reference: TVM's own CPU decode kernel over the same pages (GQA: 9 query, 3 kv heads)."""
     from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
