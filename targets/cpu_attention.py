@@ -126,6 +126,18 @@ def _paged_cache(var_pages, var_page_indptr, var_page_values, var_length_info, b
             _declare_length_info(var_length_info, batch_size, sliding, T.int32()))
 
 
+def _paged_prefill_buffers(var_q, var_q_indptr, var_pages, var_page_indptr, var_page_values, var_length_info,
+                           var_output, var_lse, batch_size, total_len, h_kv: int, h_q: int, page_size: int, d: int,
+                           dtype: str, sliding: bool):
+    """The buffers of TVM's prefill-over-the-cache signature: the queries, where each sequence's
+    start, the paged cache (:func:`_paged_cache`), the output and lse."""
+    return (T.match_buffer(var_q, (total_len, h_q, d), dtype),
+            T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", offset_factor=1),
+            *_paged_cache(var_pages, var_page_indptr, var_page_values, var_length_info, batch_size, h_kv, page_size,
+                          d, dtype, sliding),
+            *_results(var_output, var_lse, total_len, h_q, d, dtype))
+
+
 @T.macro
 def _no_rope(var_k_rope_pos_offset, var_q_rope_position, rotary_mode, batch_size, rows):
     """The RoPE inputs of TVM's signature stay unread: relaxlm applies RoPE in the model."""
@@ -368,11 +380,9 @@ def paged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_si
         causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
     ):
         batch_size, total_len = T.int32(), T.int32()
-        q = T.match_buffer(var_q, (total_len, h_q, d), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", offset_factor=1)
-        pages, page_indptr, page_values, last_page_len = _paged_cache(
-            var_pages, var_page_indptr, var_page_values, var_length_info, batch_size, h_kv, page_size, d, dtype, False)
-        output, lse = _results(var_output, var_lse, total_len, h_q, d, dtype)
+        q, q_indptr, pages, page_indptr, page_values, last_page_len, output, lse = _paged_prefill_buffers(
+            var_q, var_q_indptr, var_pages, var_page_indptr, var_page_values, var_length_info, var_output, var_lse,
+            batch_size, total_len, h_kv, h_q, page_size, d, dtype, False)
         _no_rope(var_k_rope_pos_offset, var_q_rope_position, rotary_mode, batch_size, total_len)
         # Each sequence's rows in blocks; at most this many blocks in all.
         for task in T.parallel((total_len // block + batch_size) * h_q):
@@ -467,11 +477,9 @@ def paged_prefill_sliding_window_cpu(h_kv: int, h_q: int, d: int, dtype: str, wi
         causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
     ):
         batch_size, total_len = T.int32(), T.int32()
-        q = T.match_buffer(var_q, (total_len, h_q, d), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", offset_factor=1)
-        pages, page_indptr, page_values, length_info = _paged_cache(
-            var_pages, var_page_indptr, var_page_values, var_length_info, batch_size, h_kv, page_size, d, dtype, True)
-        output, lse = _results(var_output, var_lse, total_len, h_q, d, dtype)
+        q, q_indptr, pages, page_indptr, page_values, length_info, output, lse = _paged_prefill_buffers(
+            var_q, var_q_indptr, var_pages, var_page_indptr, var_page_values, var_length_info, var_output, var_lse,
+            batch_size, total_len, h_kv, h_q, page_size, d, dtype, True)
         _no_rope(var_k_rope_pos_offset, var_q_rope_position, rotary_mode, batch_size, total_len)
         for task in T.parallel(total_len * h_q):
             with T.sblock("attn"):
