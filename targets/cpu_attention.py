@@ -212,11 +212,28 @@ def _attend_block(qt, keys, values, n, key_base, ends, o, scores, state, acc, ro
                 o[r, c0 * F32_LANES + lane] = acc[lane]
 
 
+@T.macro
+def _attend_block_range(qt, pages, page_values, begin, kv_head, first, end, ends, o, scores, state, acc, rows):
+    """:func:`_attend_block` over the cached keys at positions ``first`` to ``end`` (exclusive)
+    of a sequence's pages (``page_values[begin:]``), a page's part at a time."""
+    # pages: (pages, 2 for keys and values, kv heads, page size, head dim)
+    for p in T.serial(first // pages.shape[3], T.ceildiv(end, pages.shape[3])):
+        page: T.let[T.int32] = page_values[begin + p]
+        lo: T.let[T.int32] = T.max(first, p * pages.shape[3]) - p * pages.shape[3]
+        hi: T.let[T.int32] = T.min(end, (p + 1) * pages.shape[3]) - p * pages.shape[3]
+        keys = T.decl_buffer((pages.shape[3], pages.shape[4]), pages.dtype, data=pages.data, elem_offset=(
+            ((page * 2 + 0) * pages.shape[2] + kv_head) * pages.shape[3] + lo) * pages.shape[4])
+        values = T.decl_buffer((pages.shape[3], pages.shape[4]), pages.dtype, data=pages.data, elem_offset=(
+            ((page * 2 + 1) * pages.shape[2] + kv_head) * pages.shape[3] + lo) * pages.shape[4])
+        _attend_block(qt, keys, values, hi - lo, p * pages.shape[3] + lo, ends, o, scores, state, acc, rows)
+
+
 # pylint: disable=invalid-name,unused-argument,too-many-arguments,too-many-locals
-def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFunc:
-    """One query per sequence over its cached keys. The query heads that share a kv head read its
-    keys once, as one block (:func:`_attend_block`); a long sequence's pages are split among up
-    to :data:`DECODE_SPLITS` tasks (at least :data:`DECODE_SPLIT_PAGES` pages each), whose partial
+def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding: bool = False) -> tirx.PrimFunc:
+    """One query per sequence over its cached keys (with ``sliding``, those the window keeps: the
+    attention sinks, then the window). The query heads that share a kv head read its keys once,
+    as one block (:func:`_attend_block`); a long sequence's pages are split among up to
+    :data:`DECODE_SPLITS` tasks (at least :data:`DECODE_SPLIT_PAGES` pages each), whose partial
     softmaxes a second loop merges, so that one sequence keeps every thread busy. relaxlm applies
     RoPE in the model (``RopeMode.NONE``): ``rotary_mode`` is 0."""
     group, page_size, splits = h_q // h_kv, KEY_TILE, DECODE_SPLITS
@@ -231,8 +248,8 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFu
     ):
         batch_size = T.int32()
         q = T.match_buffer(var_q, (batch_size, h_q, d), dtype)
-        pages, page_indptr, page_values, last_page_len = _paged_cache(
-            var_pages, var_page_indptr, var_page_values, var_length_info, batch_size, h_kv, page_size, d, dtype, False)
+        pages, page_indptr, page_values, length_info = _paged_cache(
+            var_pages, var_page_indptr, var_page_values, var_length_info, batch_size, h_kv, page_size, d, dtype, sliding)
         output, lse = _results(var_output, var_lse, batch_size, h_q, d, dtype)
         _no_rope(var_k_rope_pos_offset, var_q_rope_position, rotary_mode, batch_size, batch_size)
         # Each split's unnormalised output, and its running max and sum.
@@ -240,7 +257,7 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFu
         partial_state = T.alloc_buffer((batch_size, h_kv, splits, 2, lanes), "float32")
         for task in T.parallel(batch_size * h_kv * splits):
             with T.sblock("attn"):
-                T.reads(_whole(q, pages, page_indptr, page_values, last_page_len))
+                T.reads(_whole(q, pages, page_indptr, page_values, length_info))
                 T.writes(_whole(partial, partial_state))
                 qt = T.sblock_alloc_buffer((d, lanes), "float32")
                 o = T.sblock_alloc_buffer((lanes, d), "float32")
@@ -252,10 +269,13 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFu
                 kv: T.let[T.int32] = task // splits % h_kv
                 split: T.let[T.int32] = task % splits
                 begin: T.let[T.int32] = page_indptr[b]
-                length: T.let[T.int32] = _decode_length(page_indptr, last_page_len, b, page_size)
-                per_split: T.let[T.int32] = _pages_per_split(page_indptr, b, splits)
+                sinks: T.let[T.int32] = _sinks(length_info, b, sliding)
+                # The keys after the sinks lie at these positions of the sequence's pages.
+                first: T.let[T.int32] = _window_start(length_info, b, sliding)
+                end: T.let[T.int32] = first + _decode_length(page_indptr, length_info, b, page_size, sliding) - sinks
+                per_split: T.let[T.int32] = _pages_per_split(first, end, page_size, splits)
                 for r in T.serial(lanes):
-                    ends[r] = T.if_then_else(r < group, length, 0)
+                    ends[r] = T.if_then_else(r < group, end, 0)
                     for c in T.serial(d):
                         qt[c, r] = T.if_then_else(
                             r < group, T.Cast("float32", q[b, kv * group + T.min(r, group - 1), c]), 0.0
@@ -264,14 +284,12 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFu
                     state[_SUM, r] = 1.0
                     for c in T.serial(d):
                         o[r, c] = 0.0
-                for p in T.serial(split * per_split, T.min(page_indptr[b + 1] - begin, (split + 1) * per_split)):
-                    page: T.let[T.int32] = page_values[begin + p]
-                    keys = T.decl_buffer((page_size, d), dtype, data=pages.data, elem_offset=(
-                        ((page * 2 + 0) * h_kv + kv) * page_size) * d)
-                    values = T.decl_buffer((page_size, d), dtype, data=pages.data, elem_offset=(
-                        ((page * 2 + 1) * h_kv + kv) * page_size) * d)
-                    _attend_block(qt, keys, values, T.min(page_size, length - p * page_size), p * page_size, ends, o,
-                                  scores, state, acc, group)
+                if split == 0:
+                    _attend_block_range(qt, pages, page_values, begin, kv, 0, sinks, ends, o, scores, state, acc, group)
+                _attend_block_range(qt, pages, page_values, begin, kv,
+                                    T.max(first, (first // page_size + split * per_split) * page_size),
+                                    T.min(end, (first // page_size + (split + 1) * per_split) * page_size),
+                                    ends, o, scores, state, acc, group)
                 for r in T.serial(lanes):
                     partial_state[b, kv, split, 0, r] = state[_MAX, r]
                     partial_state[b, kv, split, 1, r] = state[_SUM, r]
@@ -279,16 +297,17 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFu
                         partial[b, kv, split, r, c] = o[r, c]
         for task in T.parallel(batch_size * h_q):
             with T.sblock("merge"):
-                T.reads(_whole(partial, partial_state, page_indptr, last_page_len))
+                T.reads(_whole(partial, partial_state, page_indptr, length_info))
                 T.writes(_whole(output, lse))
                 merged = T.sblock_alloc_buffer((d,), "float32")
                 total = T.sblock_alloc_buffer((2,), "float32")
                 b: T.let[T.int32] = task // h_q
                 kv: T.let[T.int32] = task % h_q // group
                 r: T.let[T.int32] = task % group
-                # The splits that hold keys (none for an empty sequence: output 0, lse as TVM's).
-                used: T.let[T.int32] = T.ceildiv(page_indptr[b + 1] - page_indptr[b],
-                                                 _pages_per_split(page_indptr, b, splits))
+                # A split without keys weighs exp2(-5e4 - max) = 0; an empty sequence (no split
+                # merged) gets output 0 and lse -5e4, as from TVM's kernel.
+                used: T.let[T.int32] = T.if_then_else(
+                    _decode_length(page_indptr, length_info, b, page_size, sliding) > 0, splits, 0)
                 total[0] = _NEG
                 for split in T.serial(used):
                     total[0] = T.max(total[0], partial_state[b, kv, split, 0, r])
@@ -304,19 +323,30 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFu
                     output[b, task % h_q, c] = T.Cast(dtype, merged[c] / total[1])
                 lse[b, task % h_q] = total[0] + T.log2(total[1])
 
-    return batch_decode_paged_kv_cpu
+    return batch_decode_paged_kv_cpu.with_attr(
+        "global_symbol", "batch_decode_paged_kv_cpu" + ("_sliding_window" if sliding else ""))
 
 
-def _decode_length(page_indptr, last_page_len, b, page_size: int):
-    """The cached keys of sequence ``b``."""
+def _decode_length(page_indptr, length_info, b, page_size: int, sliding: bool):
+    """The cached keys sequence ``b`` attends to (TVM's ``_get_kv_chunk_len``, 0 without pages)."""
     pages = page_indptr[b + 1] - page_indptr[b]
-    return T.if_then_else(pages > 0, (pages - 1) * page_size + last_page_len[b], 0)
+    return T.if_then_else(pages > 0, _get_kv_chunk_len(pages, page_size, b, length_info, sliding), 0)
 
 
-def _pages_per_split(page_indptr, b, splits: int):
-    """Pages per decode task for sequence ``b``: its pages over ``splits`` tasks, at least
-    :data:`DECODE_SPLIT_PAGES` (a split's fixed costs outweigh fewer keys)."""
-    return T.max(T.ceildiv(page_indptr[b + 1] - page_indptr[b], splits), DECODE_SPLIT_PAGES)
+def _sinks(length_info, b, sliding: bool):
+    """The attention-sink keys at the start of sequence ``b``'s pages (none without a window)."""
+    return length_info[2, b] if sliding else 0
+
+
+def _window_start(length_info, b, sliding: bool):
+    """Where the keys after the sinks start in sequence ``b``'s pages."""
+    return length_info[1, b] if sliding else 0
+
+
+def _pages_per_split(first, end, page_size: int, splits: int):
+    """Pages per decode task for the keys at positions ``first`` to ``end`` of the pages: over
+    ``splits`` tasks, at least :data:`DECODE_SPLIT_PAGES` (a split's fixed costs outweigh fewer keys)."""
+    return T.max(T.ceildiv(T.ceildiv(end, page_size) - first // page_size, splits), DECODE_SPLIT_PAGES)
 
 
 def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFunc:
@@ -419,14 +449,8 @@ def paged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_si
                         state[_SUM, r] = 1.0
                         for c in T.serial(d):
                             o[r, c] = 0.0
-                    for p in T.serial(T.ceildiv(ends[rows - 1], page_size)):
-                        page: T.let[T.int32] = page_values[begin + p]
-                        keys = T.decl_buffer((page_size, d), dtype, data=pages.data, elem_offset=(
-                            ((page * 2 + 0) * h_kv + h // group) * page_size) * d)
-                        values = T.decl_buffer((page_size, d), dtype, data=pages.data, elem_offset=(
-                            ((page * 2 + 1) * h_kv + h // group) * page_size) * d)
-                        _attend_block(qt, keys, values, T.min(page_size, ends[rows - 1] - p * page_size),
-                                      p * page_size, ends, o, scores, state, acc, rows)
+                    _attend_block_range(qt, pages, page_values, begin, h // group, 0, ends[rows - 1], ends, o, scores,
+                                        state, acc, rows)
                     for r in T.serial(rows):
                         for c in T.vectorized(d):
                             output[first_row + r, h, c] = T.Cast(dtype, o[r, c] / state[_SUM, r])

@@ -404,6 +404,20 @@ class DecodeAttention(_AttentionReplacement):
         return decode_attention_cpu(int(h_kv), int(h_q), int(d), str(q.dtype))
 
 
+class SlidingDecodeAttention(_AttentionReplacement):
+    """One query per sequence over the keys its window keeps: :func:`decode_attention_cpu`."""
+
+    replaces = "batch_decode_paged_kv_cpu_sliding_window"
+
+    @staticmethod
+    def kernel(reads: dict) -> tirx.PrimFunc | None:
+        q, pages = reads["Q"], reads["pages"]
+        (_, h_q, d), (_, _, h_kv, page_size, _) = q.shape, pages.shape
+        if int(d) % F32_LANES or int(page_size) != KEY_TILE:
+            return None
+        return decode_attention_cpu(int(h_kv), int(h_q), int(d), str(q.dtype), sliding=True)
+
+
 class RaggedPrefillAttention(_AttentionReplacement):
     """A prefill chunk's queries over the chunk's own keys: :func:`ragged_prefill_attention_cpu`."""
 
@@ -453,9 +467,9 @@ class SplitQKV(CPUScheduleRule):
 
 def cpu_rules() -> list:
     """The dlight rules for the ``llvm`` target, most specific first."""
-    return [GroupMatmul(), BlockMatmul(), NTMatmul(), DecodeAttention(), RaggedPrefillAttention(),
-            PagedPrefillAttention(), SplitQKV(), Injective()]
+    return [GroupMatmul(), BlockMatmul(), NTMatmul(), DecodeAttention(), SlidingDecodeAttention(),
+            RaggedPrefillAttention(), PagedPrefillAttention(), SplitQKV(), Injective()]
 
 
 __all__ = ["BlockMatmul", "DecodeAttention", "GroupMatmul", "Injective", "NTMatmul", "PagedPrefillAttention",
-           "RaggedPrefillAttention", "SplitQKV", "cpu_rules"]
+           "RaggedPrefillAttention", "SlidingDecodeAttention", "SplitQKV", "cpu_rules"]

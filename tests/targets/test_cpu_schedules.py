@@ -11,7 +11,7 @@ from tvm import te, tirx
 from relaxlm.passes import get_scheme
 from relaxlm.targets import resolve
 from relaxlm.targets.cpu_schedules import (DecodeAttention, GroupMatmul, Injective, NTMatmul, PagedPrefillAttention,
-                                            RaggedPrefillAttention,
+                                            RaggedPrefillAttention, SlidingDecodeAttention,
                                            SplitQKV)
 
 
@@ -337,3 +337,34 @@ def test_sliding_window_prefill_attention_matches_numpy(target, q_lengths, kv_pa
     expected_out, expected_lse = sliding_attention_reference(*arrays[:6], causal, window, 0.125)
     np.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(lse, expected_lse, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_pages, length_info", [
+    ([2, 1], [[4, 7], [0, 0], [0, 0]]),
+    ([0, 3], [[0, 8], [0, 0], [0, 0]]),
+    # The window starts 5 keys into the pages, after 2 attention-sink keys.
+    ([2], [[12], [5], [2]]),
+    # Long enough to be split among tasks, the window 20 keys in, after 4 sinks.
+    ([70, 2], [[9, 16], [20, 0], [4, 0]]),
+])
+def test_sliding_window_decode_attention_matches_numpy(target, kv_pages, length_info):
+    """relaxlm's decode kernel in place of TVM's for a model with sliding-window layers: one query
+    per sequence over every key the window keeps (the sinks, then the window)."""
+    from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
+
+    sch = SlidingDecodeAttention().apply(_attention_decode_cpu(3, 9, 64, "float32", True, {}), target, False)
+    assert sch is not None
+    rows = len(kv_pages)
+    rng = np.random.default_rng(2)
+    pages = rng.standard_normal((sum(kv_pages) + 2, 2, 3, 16, 64), dtype="float32")
+    page_values = rng.permutation(sum(kv_pages) + 2)[: sum(kv_pages)].astype("int32")
+    q = rng.standard_normal((rows, 9, 64), dtype="float32")
+    page_indptr = np.cumsum([0, *kv_pages]).astype("int32")
+    arrays = [q, pages, page_indptr, page_values, np.array(length_info, "int32"), np.zeros(rows, "int32"),
+              np.zeros(rows, "int32")]
+    (out, lse), = attention_results([sch.mod["main"]], target, arrays, rows, 0, 1.0, 1e4, 0.125)
+    expected_out, expected_lse = sliding_attention_reference(q, np.arange(rows + 1, dtype="int32"), pages, page_indptr,
+                                                             page_values, np.array(length_info), 0, 8, 0.125)
+    np.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse, expected_lse, rtol=1e-6, atol=1e-5)
+
