@@ -1,20 +1,21 @@
 """Hand-written CPU attention kernels for TVM's paged KV cache on the ``llvm`` target, with the
 signatures and results (output and log2-sum-exp per head) of the kernels they replace.
 
-TVM's CPU kernels run one query head after another with scalar code and rescale the output after
-every key. Here each (query, head) pair is a parallel task, ``q . k`` is vectorised and the online
-softmax (:func:`_start`, :func:`_attend`, :func:`_finish`, shared by every kernel) rescales once
-per :data:`KEY_TILE` keys.
+TVM's CPU kernels run one query head after another with scalar code, rescale the output after
+every key, and (over the cache) walk every page of the whole cache for every query. Here every
+kernel is made of one online softmax over a block of queries that share their keys
+(:func:`_attend_block`): the scores and the softmax are vectors over the block, no dot product
+needs a horizontal sum, and the output is rescaled once per :data:`KEY_TILE` keys. Each block is
+a parallel task.
 
-- :func:`decode_attention_cpu`: one query per sequence over its cached keys; the query heads of
-  a kv head read its keys once, and a long sequence is split among several tasks.
+- :func:`decode_attention_cpu`: one query per sequence over its cached keys; the block is the
+  query heads of a kv head, and a long sequence is split among several tasks.
 - :func:`ragged_prefill_attention_cpu`: a prefill chunk's queries over the chunk's own keys.
-- :func:`paged_prefill_attention_cpu`: a prefill chunk's queries over the cached keys before it
-  (TVM's kernel walks every page of the whole cache for every query, one head at a time).
+- :func:`paged_prefill_attention_cpu`: a prefill chunk's queries over the cached keys before it.
 - :func:`paged_prefill_sliding_window_cpu`: a prefill chunk's queries over the cached keys when
   the model has sliding-window layers. TVM's kernel for this reads uninitialised memory when a
   query's first cached key is masked (its running max stays unset) and rescales with an index out
-  of bounds, so its logits are wrong; this one attends each query's visible keys, one range.
+  of bounds, so its logits are wrong; this one attends each query's visible keys.
 """
 
 from __future__ import annotations
@@ -38,81 +39,9 @@ _MAX, _NEW_MAX, _SUM, _RESCALE = 0, 1, 2, 3
 PAGED_PREFILL_SLIDING_CPU = "batch_prefill_paged_kv_cpu_sliding_window"
 
 
-def _softmax_buffers(d: int, tile: int):
-    """One task's working buffers: the output row, lane partial sums, a tile's scores, the state."""
-    return (T.sblock_alloc_buffer((d,), "float32"), T.sblock_alloc_buffer((F32_LANES,), "float32"),
-            T.sblock_alloc_buffer((tile,), "float32"), T.sblock_alloc_buffer((4,), "float32"))
-
-
-@T.macro
-def _start(o, state):
-    # As in TVM's kernels: with no keys the output is 0 and the lse -5e4.
-    state[_MAX] = _NEG
-    state[_SUM] = 1.0
-    for i in T.vectorized(o.shape[0]):
-        o[i] = 0.0
-
-
-@T.macro
-def _attend(q_row, keys, values, n, sm_scale, o, partial, score, state):
-    """Online softmax over ``n`` keys and values (rows of ``keys``/``values``): vectorised dot
-    products into ``score``, then one rescale of ``o`` and the weighted values."""
-    state[_NEW_MAX] = state[_MAX]
-    for key in T.serial(n):
-        for lane in T.vectorized(F32_LANES):
-            partial[lane] = 0.0
-        for c in T.serial(o.shape[0] // F32_LANES):
-            for lane in T.vectorized(F32_LANES):
-                partial[lane] += (T.Cast("float32", q_row[c * F32_LANES + lane])
-                                  * T.Cast("float32", keys[key, c * F32_LANES + lane]))
-        score[key] = 0.0
-        for lane in T.serial(F32_LANES):
-            score[key] += partial[lane]
-        score[key] *= sm_scale * _LOG2_E
-        state[_NEW_MAX] = T.max(state[_NEW_MAX], score[key])
-    state[_RESCALE] = T.exp2(state[_MAX] - state[_NEW_MAX])
-    state[_SUM] *= state[_RESCALE]
-    for i in T.vectorized(o.shape[0]):
-        o[i] *= state[_RESCALE]
-    for key in T.serial(n):
-        score[key] = T.exp2(score[key] - state[_NEW_MAX])
-        state[_SUM] += score[key]
-        for i in T.vectorized(o.shape[0]):
-            o[i] += score[key] * T.Cast("float32", values[key, i])
-    state[_MAX] = state[_NEW_MAX]
-
-
-@T.macro
-def _attend_pages(q_row, pages, page_values, begin, kv_head, first, end, sm_scale, o, partial, score, state):
-    """:func:`_attend` over the cached keys at positions ``first`` to ``end`` (exclusive) in a
-    sequence's pages (``page_values[begin:]``), a page's part at a time."""
-    # pages: (pages, 2 for keys and values, kv heads, page size, head dim)
-    for p in T.serial(first // pages.shape[3], T.ceildiv(end, pages.shape[3])):
-        page: T.let[T.int32] = page_values[begin + p]
-        lo: T.let[T.int32] = T.max(first, p * pages.shape[3]) - p * pages.shape[3]
-        hi: T.let[T.int32] = T.min(end, (p + 1) * pages.shape[3]) - p * pages.shape[3]
-        keys = T.decl_buffer((pages.shape[3], pages.shape[4]), pages.dtype, data=pages.data, elem_offset=(
-            ((page * 2 + 0) * pages.shape[2] + kv_head) * pages.shape[3] + lo) * pages.shape[4])
-        values = T.decl_buffer((pages.shape[3], pages.shape[4]), pages.dtype, data=pages.data, elem_offset=(
-            ((page * 2 + 1) * pages.shape[2] + kv_head) * pages.shape[3] + lo) * pages.shape[4])
-        _attend(q_row, keys, values, hi - lo, sm_scale, o, partial, score, state)
-
-
-@T.macro
-def _finish(o, state, out_row, lse, row, h):
-    for i in T.vectorized(o.shape[0]):
-        out_row[i] = T.Cast(out_row.dtype, o[i] / state[_SUM])
-    lse[row, h] = state[_MAX] + T.log2(state[_SUM])
-
-
 def _whole(*buffers):
     """Each buffer's whole region, for an sblock's reads and writes."""
     return [buffer[tuple(slice(0, n) for n in buffer.shape)] for buffer in buffers]
-
-
-def _row(buffer, row: int, d: int):
-    """Row ``row`` (of ``d`` values) of a (rows, heads, d) buffer flattened over rows and heads."""
-    return T.decl_buffer((d,), buffer.dtype, data=buffer.data, elem_offset=row * d)
 
 
 def _paged_cache(var_pages, var_page_indptr, var_page_values, var_length_info, batch_size, h_kv: int,
@@ -172,33 +101,38 @@ def _exp2(x):
     return T.if_then_else(x < T.float32(-126), T.float32(0), (f * poly + T.float32(1)) * power)
 
 
+def _sees(bounds, r, position):
+    """Whether row ``r`` of a block sees the key at ``position``."""
+    return tirx.all(bounds[0, r] <= position, position < bounds[1, r])
+
+
 @T.macro
-def _attend_block(qt, keys, values, n, key_base, ends, o, scores, state, acc, rows):
-    """Online softmax of a block of query rows (``ends.shape[0]`` lanes, ``rows`` of them real)
+def _attend_block(qt, keys, values, n, key_base, bounds, o, scores, state, acc, rows):
+    """Online softmax of a block of query rows (``bounds.shape[1]`` lanes, ``rows`` of them real)
     over ``n`` keys (rows of ``keys``/``values``, at positions ``key_base`` on): row ``r`` sees the
-    keys before ``ends[r]``. Scores and softmax state are vectors over the rows; ``qt`` holds the
+    keys from ``bounds[0, r]`` up to (not including) ``bounds[1, r]``. Scores and softmax state are vectors over the rows; ``qt`` holds the
     block's queries transposed and scaled by ``sm_scale * log2(e)``."""
     # state: (4 slots, rows): running max, its update, softmax sum, rescale.
     for key in T.serial(n):
-        for r in T.vectorized(ends.shape[0]):
+        for r in T.vectorized(bounds.shape[1]):
             acc[r] = 0.0
         for c in T.serial(qt.shape[0]):
-            for r in T.vectorized(ends.shape[0]):
+            for r in T.vectorized(bounds.shape[1]):
                 acc[r] += T.Cast("float32", keys[key, c]) * qt[c, r]
-        for r in T.vectorized(ends.shape[0]):
-            scores[key, r] = T.if_then_else(key_base + key < ends[r], acc[r], T.float32(_NEG))
-    for r in T.vectorized(ends.shape[0]):
+        for r in T.vectorized(bounds.shape[1]):
+            scores[key, r] = T.if_then_else(_sees(bounds, r, key_base + key), acc[r], T.float32(_NEG))
+    for r in T.vectorized(bounds.shape[1]):
         state[_NEW_MAX, r] = state[_MAX, r]
     for key in T.serial(n):
-        for r in T.vectorized(ends.shape[0]):
+        for r in T.vectorized(bounds.shape[1]):
             state[_NEW_MAX, r] = T.max(state[_NEW_MAX, r], scores[key, r])
-    for r in T.vectorized(ends.shape[0]):
+    for r in T.vectorized(bounds.shape[1]):
         state[_RESCALE, r] = _exp2(state[_MAX, r] - state[_NEW_MAX, r])
         state[_SUM, r] *= state[_RESCALE, r]
         state[_MAX, r] = state[_NEW_MAX, r]
     for key in T.serial(n):
-        for r in T.vectorized(ends.shape[0]):
-            scores[key, r] = T.if_then_else(key_base + key < ends[r], _exp2(scores[key, r] - state[_MAX, r]),
+        for r in T.vectorized(bounds.shape[1]):
+            scores[key, r] = T.if_then_else(_sees(bounds, r, key_base + key), _exp2(scores[key, r] - state[_MAX, r]),
                                             T.float32(0))
             state[_SUM, r] += scores[key, r]
     for r in T.serial(rows):
@@ -213,7 +147,7 @@ def _attend_block(qt, keys, values, n, key_base, ends, o, scores, state, acc, ro
 
 
 @T.macro
-def _attend_block_range(qt, pages, page_values, begin, kv_head, first, end, ends, o, scores, state, acc, rows):
+def _attend_block_range(qt, pages, page_values, begin, kv_head, first, end, bounds, o, scores, state, acc, rows):
     """:func:`_attend_block` over the cached keys at positions ``first`` to ``end`` (exclusive)
     of a sequence's pages (``page_values[begin:]``), a page's part at a time."""
     # pages: (pages, 2 for keys and values, kv heads, page size, head dim)
@@ -225,7 +159,54 @@ def _attend_block_range(qt, pages, page_values, begin, kv_head, first, end, ends
             ((page * 2 + 0) * pages.shape[2] + kv_head) * pages.shape[3] + lo) * pages.shape[4])
         values = T.decl_buffer((pages.shape[3], pages.shape[4]), pages.dtype, data=pages.data, elem_offset=(
             ((page * 2 + 1) * pages.shape[2] + kv_head) * pages.shape[3] + lo) * pages.shape[4])
-        _attend_block(qt, keys, values, hi - lo, p * pages.shape[3] + lo, ends, o, scores, state, acc, rows)
+        _attend_block(qt, keys, values, hi - lo, p * pages.shape[3] + lo, bounds, o, scores, state, acc, rows)
+
+
+def _block_buffers(d: int, block: int, tile: int):
+    """A query block's working buffers: its queries transposed, its outputs, a tile's scores, the
+    softmax state (4 slots per row), a vector accumulator and each row's bounds of keys."""
+    return (T.sblock_alloc_buffer((d, block), "float32"), T.sblock_alloc_buffer((block, d), "float32"),
+            T.sblock_alloc_buffer((tile, block), "float32"), T.sblock_alloc_buffer((4, block), "float32"),
+            T.sblock_alloc_buffer((max(block, F32_LANES),), "float32"), T.sblock_alloc_buffer((2, block), "int32"))
+
+
+def _rows_of(buffer, first_row, h, rows: int, row_stride):
+    """``rows`` query rows of head ``h`` from row ``first_row`` of a (rows, heads, d) buffer."""
+    d = buffer.shape[2]
+    return T.decl_buffer((rows, d), buffer.dtype, data=buffer.data, strides=[row_stride, 1],
+                         elem_offset=(first_row * buffer.shape[1] + h) * d)
+
+
+@T.macro
+def _start_block(queries, rows, sm_scale, qt, o, state):
+    """A block's transposed queries (scaled for exp2; 0 past ``rows``) and its empty softmax."""
+    for r in T.serial(qt.shape[1]):
+        for c in T.serial(qt.shape[0]):
+            qt[c, r] = T.if_then_else(r < rows, T.Cast("float32", queries[T.min(r, rows - 1), c]), 0.0) * (
+                sm_scale * _LOG2_E)
+        state[_MAX, r] = _NEG
+        state[_SUM, r] = 1.0
+        for c in T.serial(o.shape[1]):
+            o[r, c] = 0.0
+
+
+@T.macro
+def _causal_bounds(bounds, rows, kv_len, qo_len, local_first, causal):
+    """Each row's keys, with TVM's _causal_mask: all ``kv_len``, or with ``causal`` those up to the
+    row's own position (the chunk's ``qo_len`` queries end where the keys end); none past ``rows``."""
+    for r in T.serial(bounds.shape[1]):
+        bounds[0, r] = 0
+        bounds[1, r] = T.if_then_else(r < rows, T.if_then_else(
+            causal > 0, T.min(T.max(kv_len - qo_len + local_first + r + 1, 0), kv_len), kv_len), 0)
+
+
+@T.macro
+def _finish_block(o, state, outputs, lse, first_row, h, rows):
+    """The block's normalised outputs (rows of ``outputs``) and log2-sum-exps."""
+    for r in T.serial(rows):
+        for c in T.vectorized(o.shape[1]):
+            outputs[r, c] = T.Cast(outputs.dtype, o[r, c] / state[_SUM, r])
+        lse[first_row + r, h] = state[_MAX, r] + T.log2(state[_SUM, r])
 
 
 # pylint: disable=invalid-name,unused-argument,too-many-arguments,too-many-locals
@@ -264,7 +245,7 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding: bool 
                 scores = T.sblock_alloc_buffer((page_size, lanes), "float32")
                 state = T.sblock_alloc_buffer((4, lanes), "float32")
                 acc = T.sblock_alloc_buffer((max(lanes, F32_LANES),), "float32")
-                ends = T.sblock_alloc_buffer((lanes,), "int32")
+                bounds = T.sblock_alloc_buffer((2, lanes), "int32")
                 b: T.let[T.int32] = task // (h_kv * splits)
                 kv: T.let[T.int32] = task // splits % h_kv
                 split: T.let[T.int32] = task % splits
@@ -275,7 +256,8 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding: bool 
                 end: T.let[T.int32] = first + _decode_length(page_indptr, length_info, b, page_size, sliding) - sinks
                 per_split: T.let[T.int32] = _pages_per_split(first, end, page_size, splits)
                 for r in T.serial(lanes):
-                    ends[r] = T.if_then_else(r < group, end, 0)
+                    bounds[0, r] = 0
+                    bounds[1, r] = T.if_then_else(r < group, end, 0)
                     for c in T.serial(d):
                         qt[c, r] = T.if_then_else(
                             r < group, T.Cast("float32", q[b, kv * group + T.min(r, group - 1), c]), 0.0
@@ -285,11 +267,11 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding: bool 
                     for c in T.serial(d):
                         o[r, c] = 0.0
                 if split == 0:
-                    _attend_block_range(qt, pages, page_values, begin, kv, 0, sinks, ends, o, scores, state, acc, group)
+                    _attend_block_range(qt, pages, page_values, begin, kv, 0, sinks, bounds, o, scores, state, acc, group)
                 _attend_block_range(qt, pages, page_values, begin, kv,
                                     T.max(first, (first // page_size + split * per_split) * page_size),
                                     T.min(end, (first // page_size + (split + 1) * per_split) * page_size),
-                                    ends, o, scores, state, acc, group)
+                                    bounds, o, scores, state, acc, group)
                 for r in T.serial(lanes):
                     partial_state[b, kv, split, 0, r] = state[_MAX, r]
                     partial_state[b, kv, split, 1, r] = state[_SUM, r]
@@ -351,9 +333,10 @@ def _pages_per_split(first, end, page_size: int, splits: int):
 
 def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFunc:
     """The queries of a prefill chunk over the chunk's own keys (causal when the runtime says so).
-    Each (query, head) is one parallel task, which attends to :data:`KEY_TILE` keys at a time and
-    skips the masked ones (exactly 0 in TVM's kernel)."""
-    group, tile = h_q // h_kv, KEY_TILE
+    Each task is a block of :data:`QUERY_BLOCK` queries of one sequence and one head over
+    :data:`KEY_TILE` keys at a time (:func:`_attend_block`); masked keys weigh exactly 0, as in
+    TVM's kernel."""
+    group, block, tile = h_q // h_kv, QUERY_BLOCK, KEY_TILE
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
@@ -369,28 +352,31 @@ def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tir
         kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", offset_factor=1)
         output, lse = _results(var_output, var_lse, qo_len, h_q, d, dtype)
         _no_rope(var_k_rope_pos_offset, var_q_rope_position, rotary_mode, batch_size, qo_len)
-        for task in T.parallel(qo_len * h_q):
+        # Each sequence's rows in blocks; at most this many blocks in all.
+        for task in T.parallel((qo_len // block + batch_size) * h_q):
             with T.sblock("attn"):
                 T.reads(_whole(q, k, v, q_indptr, kv_indptr))
                 T.writes(_whole(output, lse))
-                o, partial, score, state = _softmax_buffers(d, tile)
-                seq = T.sblock_alloc_buffer((1,), "int32")
-                row: T.let[T.int32] = task // h_q
+                qt, o, scores, state, acc, bounds = _block_buffers(d, block, tile)
+                where = T.sblock_alloc_buffer((2,), "int32")
                 h: T.let[T.int32] = task % h_q
-                _sequence_of(q_indptr, row, seq)
-                begin: T.let[T.int32] = kv_indptr[seq[0]]
-                # Causal: the chunk's queries end where its keys end, each sees the keys up to its own.
-                limit: T.let[T.int32] = T.if_then_else(causal > 0, kv_indptr[seq[0] + 1] - q_indptr[seq[0] + 1] + row + 1,
-                                                       kv_indptr[seq[0] + 1]) - begin
-                _start(o, state)
-                for t in T.serial(T.ceildiv(limit, tile)):
-                    keys = T.decl_buffer((tile, d), dtype, data=k.data, strides=[h_kv * d, 1],
-                                         elem_offset=((begin + t * tile) * h_kv + h // group) * d)
-                    values = T.decl_buffer((tile, d), dtype, data=v.data, strides=[h_kv * d, 1],
-                                           elem_offset=((begin + t * tile) * h_kv + h // group) * d)
-                    _attend(_row(q, task, d), keys, values, T.min(tile, limit - t * tile), sm_scale, o, partial, score,
-                            state)
-                _finish(o, state, _row(output, task, d), lse, row, h)
+                _block_of(q_indptr, task // h_q, block, where)
+                b: T.let[T.int32] = where[0]
+                first_row: T.let[T.int32] = where[1]
+                rows: T.let[T.int32] = T.if_then_else(b < batch_size, T.min(block, q_indptr[b + 1] - first_row), 0)
+                if rows > 0:
+                    begin: T.let[T.int32] = kv_indptr[b]
+                    _causal_bounds(bounds, rows, kv_indptr[b + 1] - begin, q_indptr[b + 1] - q_indptr[b],
+                                   first_row - q_indptr[b], causal)
+                    _start_block(_rows_of(q, first_row, h, block, h_q * d), rows, sm_scale, qt, o, state)
+                    for t in T.serial(T.ceildiv(bounds[1, rows - 1], tile)):
+                        keys = T.decl_buffer((tile, d), dtype, data=k.data, strides=[h_kv * d, 1],
+                                             elem_offset=((begin + t * tile) * h_kv + h // group) * d)
+                        values = T.decl_buffer((tile, d), dtype, data=v.data, strides=[h_kv * d, 1],
+                                               elem_offset=((begin + t * tile) * h_kv + h // group) * d)
+                        _attend_block(qt, keys, values, T.min(tile, bounds[1, rows - 1] - t * tile), t * tile, bounds,
+                                      o, scores, state, acc, rows)
+                    _finish_block(o, state, _rows_of(output, first_row, h, block, h_q * d), lse, first_row, h, rows)
 
     return batch_prefill_ragged_kv
 
@@ -419,12 +405,7 @@ def paged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_si
             with T.sblock("attn"):
                 T.reads(_whole(q, q_indptr, pages, page_indptr, page_values, last_page_len))
                 T.writes(_whole(output, lse))
-                qt = T.sblock_alloc_buffer((d, block), "float32")
-                o = T.sblock_alloc_buffer((block, d), "float32")
-                scores = T.sblock_alloc_buffer((page_size, block), "float32")
-                state = T.sblock_alloc_buffer((4, block), "float32")
-                acc = T.sblock_alloc_buffer((block,), "float32")
-                ends = T.sblock_alloc_buffer((block,), "int32")
+                qt, o, scores, state, acc, bounds = _block_buffers(d, block, page_size)
                 where = T.sblock_alloc_buffer((2,), "int32")
                 h: T.let[T.int32] = task % h_q
                 _block_of(q_indptr, task // h_q, block, where)
@@ -435,26 +416,11 @@ def paged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_si
                     begin: T.let[T.int32] = page_indptr[b]
                     kv_len: T.let[T.int32] = T.if_then_else(
                         page_indptr[b + 1] != begin, (page_indptr[b + 1] - begin - 1) * page_size + last_page_len[b], 0)
-                    qo_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                    for r in T.serial(block):
-                        # TVM's _causal_mask: with causal, the chunk's queries end where the keys end.
-                        ends[r] = T.if_then_else(r < rows, T.if_then_else(
-                            causal > 0, T.min(T.max(kv_len - qo_len + first_row - q_indptr[b] + r + 1, 0), kv_len),
-                            kv_len), 0)
-                        for c in T.serial(d):
-                            qt[c, r] = T.if_then_else(
-                                r < rows, T.Cast("float32", q[T.min(first_row + r, total_len - 1), h, c]), 0.0
-                            ) * sm_scale * _LOG2_E
-                        state[_MAX, r] = _NEG
-                        state[_SUM, r] = 1.0
-                        for c in T.serial(d):
-                            o[r, c] = 0.0
-                    _attend_block_range(qt, pages, page_values, begin, h // group, 0, ends[rows - 1], ends, o, scores,
-                                        state, acc, rows)
-                    for r in T.serial(rows):
-                        for c in T.vectorized(d):
-                            output[first_row + r, h, c] = T.Cast(dtype, o[r, c] / state[_SUM, r])
-                        lse[first_row + r, h] = state[_MAX, r] + T.log2(state[_SUM, r])
+                    _causal_bounds(bounds, rows, kv_len, q_indptr[b + 1] - q_indptr[b], first_row - q_indptr[b], causal)
+                    _start_block(_rows_of(q, first_row, h, block, h_q * d), rows, sm_scale, qt, o, state)
+                    _attend_block_range(qt, pages, page_values, begin, h // group, 0, bounds[1, rows - 1], bounds, o,
+                                        scores, state, acc, rows)
+                    _finish_block(o, state, _rows_of(output, first_row, h, block, h_q * d), lse, first_row, h, rows)
 
     return batch_prefill_paged_kv_cpu
 
@@ -475,23 +441,14 @@ def _block_of(q_indptr, index, block, where):
         blocks_before[0] += blocks
 
 
-@T.macro
-def _sequence_of(q_indptr, row, seq):
-    """The sequence of query ``row``: the last one starting at or before it (empty ones included)."""
-    seq[0] = 0
-    for i in T.serial(q_indptr.shape[0] - 1):
-        if q_indptr[i] <= row:
-            seq[0] = i
-
-
 def paged_prefill_sliding_window_cpu(h_kv: int, h_q: int, d: int, dtype: str, window: int,
                                      page_size: int = KEY_TILE) -> tirx.PrimFunc:
     """The queries of a prefill chunk over the cached keys, for a model with sliding-window layers:
     when the runtime passes ``causal`` (a sliding layer) query ``i`` of the chunk sees the last
     ``window - 1 - i`` cached keys (the chunk's own keys are the ragged kernel's), otherwise (a
-    full layer) all of them. Each (query, head) is one parallel task over one range of keys, in
-    two pieces where the cache keeps attention-sink keys before the window."""
-    group = h_q // h_kv
+    full layer) all of them. Each task is a block of :data:`QUERY_BLOCK` queries of one sequence
+    and one head, over the attention-sink keys and then the window's (two ranges of the pages)."""
+    group, block = h_q // h_kv, QUERY_BLOCK
 
     @T.prim_func(s_tir=True)
     def batch_prefill_paged_kv_cpu_sliding_window(
@@ -505,34 +462,47 @@ def paged_prefill_sliding_window_cpu(h_kv: int, h_q: int, d: int, dtype: str, wi
             var_q, var_q_indptr, var_pages, var_page_indptr, var_page_values, var_length_info, var_output, var_lse,
             batch_size, total_len, h_kv, h_q, page_size, d, dtype, True)
         _no_rope(var_k_rope_pos_offset, var_q_rope_position, rotary_mode, batch_size, total_len)
-        for task in T.parallel(total_len * h_q):
+        for task in T.parallel((total_len // block + batch_size) * h_q):
             with T.sblock("attn"):
                 T.reads(_whole(q, q_indptr, pages, page_indptr, page_values, length_info))
                 T.writes(_whole(output, lse))
-                o, partial, score, state = _softmax_buffers(d, page_size)
-                seq = T.sblock_alloc_buffer((1,), "int32")
-                row: T.let[T.int32] = task // h_q
-                _sequence_of(q_indptr, row, seq)
-                b: T.let[T.int32] = seq[0]
-                begin: T.let[T.int32] = page_indptr[b]
-                kv_len: T.let[T.int32] = T.if_then_else(
-                    page_indptr[b + 1] != begin,
-                    _get_kv_chunk_len(page_indptr[b + 1] - begin, page_size, b, length_info, True), 0)
-                # TVM's mask (_causal_or_sliding_cross_mask): the keys from here to kv_len.
-                first: T.let[T.int32] = T.if_then_else(
-                    causal > 0, T.max(kv_len - T.max(window - (row - q_indptr[b]) - 1, 0), 0), 0)
-                # Key position p lies in the pages at p below the sinks, at p - sinks + window start above.
-                sinks: T.let[T.int32] = length_info[2, b]
-                shift: T.let[T.int32] = length_info[1, b] - sinks
-                kv_head: T.let[T.int32] = task % h_q // group
-                _start(o, state)
-                _attend_pages(_row(q, task, d), pages, page_values, begin, kv_head, T.min(first, sinks),
-                              T.min(kv_len, sinks), sm_scale, o, partial, score, state)
-                _attend_pages(_row(q, task, d), pages, page_values, begin, kv_head, T.max(first, sinks) + shift,
-                              T.max(kv_len, sinks) + shift, sm_scale, o, partial, score, state)
-                _finish(o, state, _row(output, task, d), lse, row, task % h_q)
+                qt, o, scores, state, acc, bounds = _block_buffers(d, block, page_size)
+                where = T.sblock_alloc_buffer((2,), "int32")
+                h: T.let[T.int32] = task % h_q
+                _block_of(q_indptr, task // h_q, block, where)
+                b: T.let[T.int32] = where[0]
+                first_row: T.let[T.int32] = where[1]
+                rows: T.let[T.int32] = T.if_then_else(b < batch_size, T.min(block, q_indptr[b + 1] - first_row), 0)
+                if rows > 0:
+                    begin: T.let[T.int32] = page_indptr[b]
+                    kv_len: T.let[T.int32] = _decode_length(page_indptr, length_info, b, page_size, True)
+                    # Key position p lies in the pages at p below the sinks, at p - sinks + window start above.
+                    sinks: T.let[T.int32] = length_info[2, b]
+                    shift: T.let[T.int32] = length_info[1, b] - sinks
+                    _start_block(_rows_of(q, first_row, h, block, h_q * d), rows, sm_scale, qt, o, state)
+                    # Row 0 of the block sees the most keys: its range holds every row's.
+                    _sliding_bounds(bounds, rows, kv_len, first_row - q_indptr[b], causal, window, 0, sinks, 0)
+                    _attend_block_range(qt, pages, page_values, begin, h // group, bounds[0, 0], bounds[1, 0], bounds,
+                                        o, scores, state, acc, rows)
+                    _sliding_bounds(bounds, rows, kv_len, first_row - q_indptr[b], causal, window, sinks, kv_len + 1,
+                                    shift)
+                    _attend_block_range(qt, pages, page_values, begin, h // group, bounds[0, 0], bounds[1, 0], bounds,
+                                        o, scores, state, acc, rows)
+                    _finish_block(o, state, _rows_of(output, first_row, h, block, h_q * d), lse, first_row, h, rows)
 
     return batch_prefill_paged_kv_cpu_sliding_window
+
+
+@T.macro
+def _sliding_bounds(bounds, rows, kv_len, local_first, causal, window, lowest, highest, shift):
+    """Each row's cached keys at positions ``lowest`` to ``highest`` (exclusive) of the sequence,
+    moved by ``shift`` into the pages, with TVM's mask (_causal_or_sliding_cross_mask): with
+    ``causal`` the last ``window - 1 - i`` keys for row ``i`` of the chunk, else all ``kv_len``."""
+    for r in T.serial(bounds.shape[1]):
+        first: T.let[T.int32] = T.if_then_else(
+            causal > 0, T.max(kv_len - T.max(window - (local_first + r) - 1, 0), 0), 0)
+        bounds[0, r] = T.if_then_else(r < rows, T.min(T.max(first, lowest), highest) + shift, 0)
+        bounds[1, r] = T.if_then_else(r < rows, T.max(T.min(kv_len, highest), lowest) + shift, 0)
 
 
 def kv_cache_kernels(spec) -> dict[str, tirx.PrimFunc]:

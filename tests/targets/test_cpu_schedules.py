@@ -319,6 +319,8 @@ def sliding_attention_reference(q, q_indptr, pages, page_indptr, page_values, le
     ([2, 4], [0, 3], [[0, 8], [0, 0], [0, 0]]),
     # The window starts 5 keys into the pages, after 2 attention-sink keys: two ranges of pages.
     ([6], [2], [[12], [5], [2]]),
+    # Two blocks of queries, the second past the window: its rows see no cached key.
+    ([20], [3], [[8], [3], [1]]),
 ])
 def test_sliding_window_prefill_attention_matches_numpy(target, q_lengths, kv_pages, length_info, causal):
     """relaxlm's kernel for the cached keys of a model with sliding-window layers (TVM's reads
