@@ -32,6 +32,8 @@ _GEMV_ROWS_PER_TASK = 16
 # Activation rows by weight rows of group_gemm_cpu's register tile: 12 accumulators, 2 weight
 # vectors and 1 activation vector fill 15 of AVX2's 16 registers.
 _GEMM_TILE_ROWS, _GEMM_TILE_COLS = 6, 2
+# Columns of k per pass of the prefill kernels (see gemm_k_chunk).
+_GEMM_K_CHUNK = 2048
 # Rows ahead whose weights the decode kernels ask the caches for while they read the current one:
 # the hardware prefetchers alone left a decode's stream of weights at about 8 GB/s on 2 cores.
 _PREFETCH_ROWS = 4
@@ -151,17 +153,18 @@ def group_gemm_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype
     (prefill), 4-bit codes as in :func:`group_gemv_cpu`, same parameters (:func:`_dequantized_gemm`)."""
     group, lanes = k // groups, PACKED_LANES
 
-    def dequantize_rows(weights, weight, j0: tirx.PrimExpr, block: int) -> None:
+    def dequantize_rows(weights, weight, j0: tirx.PrimExpr, block: int, k0: tirx.PrimExpr, chunk: int) -> None:
         packed, scale = weight["packed"], weight["scale"]
-        with IB.grid(block, k // lanes) as (jj, w):
+        with IB.grid(block, chunk // lanes) as (jj, w):
             with IB.vectorized(0, lanes) as lane:
-                code = tirx.bitwise_and(tirx.shift_right(packed[j0 + jj, w], (lane * 4).astype("uint32")),
+                word = k0 // lanes + w
+                code = tirx.bitwise_and(tirx.shift_right(packed[j0 + jj, word], (lane * 4).astype("uint32")),
                                         tirx.const(15, "uint32")).astype("int32").astype("float32")
-                IB.buffer_store(weights, (code - 7.0) * scale[j0 + jj, w * lanes // group].astype("float32"),
-                                [jj * k + w * lanes + lane])
+                IB.buffer_store(weights, (code - 7.0) * scale[j0 + jj, word * lanes // group].astype("float32"),
+                                [jj * chunk + w * lanes + lane])
 
     weight = [("packed", (n, k // lanes), "uint32"), ("scale", (n, groups), scale_dtype)]
-    return _dequantized_gemm("group_gemm", n, k, shapes, residual, weight, dequantize_rows)
+    return _dequantized_gemm("group_gemm", n, k, shapes, residual, weight, dequantize_rows, lanes)
 
 
 def block_gemm_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tuple], residual: bool) -> tirx.PrimFunc:
@@ -169,36 +172,47 @@ def block_gemm_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tuple], res
     llama.cpp's block layouts (``passes.gguf_blocks``); parameters ``x``, the layout's components,
     ``residual`` (if any), ``out``. Each task dequantizes its block of rows a vector at a time,
     with the block's positions unrolled so that every load is contiguous (:func:`_dequantized_gemm`)."""
-    blocks = k // layout.block
-
-    def dequantize_rows(weights, weight, j0: tirx.PrimExpr, block: int) -> None:
-        with IB.grid(block, blocks) as (jj, b):
+    def dequantize_rows(weights, weight, j0: tirx.PrimExpr, block: int, k0: tirx.PrimExpr, chunk: int) -> None:
+        with IB.grid(block, chunk // layout.block) as (jj, b):
             for v in range(layout.block // F32_LANES):
                 with IB.vectorized(0, F32_LANES) as lane:
                     e = v * F32_LANES + lane
-                    IB.buffer_store(weights, layout.value_in_block(weight, j0 + jj, b, e),
-                                    [jj * k + b * layout.block + e])
+                    IB.buffer_store(weights, layout.value_in_block(weight, j0 + jj, k0 // layout.block + b, e),
+                                    [jj * chunk + b * layout.block + e])
 
-    return _dequantized_gemm("block_gemm", n, k, shapes, residual, _components(layout, n, k), dequantize_rows)
+    return _dequantized_gemm("block_gemm", n, k, shapes, residual, _components(layout, n, k), dequantize_rows,
+                             layout.block)
 
 
 def _components(layout: BlockLayout, n: int, k: int) -> list[tuple[str, tuple[int, int], str]]:
     return [(c.name, (n, k // layout.block * c.per_block), c.dtype) for c in layout.components]
 
 
+def gemm_k_chunk(k: int, unit: int) -> int:
+    """Columns of ``k`` per pass of the prefill kernels: all of them up to :data:`_GEMM_K_CHUNK`
+    times 2, else the largest multiple of ``unit`` (the weights' block) dividing ``k`` up to
+    :data:`_GEMM_K_CHUNK`, so that a pass's activations and weights stay in the core's caches."""
+    if k <= 2 * _GEMM_K_CHUNK:
+        return k
+    fitting = [c for c in range(unit, _GEMM_K_CHUNK + 1, unit) if k % c == 0]
+    return fitting[-1] if fitting else k
+
+
 def _dequantized_gemm(name: str, n: int, k: int, shapes: list[tuple], residual: bool,
-                      weight_params: list[tuple[str, tuple, str]], dequantize_rows) -> tirx.PrimFunc:
+                      weight_params: list[tuple[str, tuple, str]], dequantize_rows, unit: int) -> tirx.PrimFunc:
     """The prefill kernel of a quantized weight: parameters ``x``, ``weight_params`` (name,
     shape, dtype), ``residual`` (if any) and ``out``.
 
-    Each parallel task dequantizes a block of :func:`gemm_block_rows` weight rows once
-    (``dequantize_rows(weights, weight buffers, first row, rows)``, in order, vectorised) and
-    multiplies every activation row with it in tiles of :data:`_GEMM_TILE_ROWS` activation rows
-    by :data:`_GEMM_TILE_COLS` weight rows: per 8 values of ``k``, 6 + 2 vector loads feed 12
-    independent FMA chains that stay in registers, and each of the 12 outputs is summed across
-    its lanes at the end. Rows left over go one at a time."""
+    Each parallel task takes a block of :func:`gemm_block_rows` weight rows, in passes over
+    :func:`gemm_k_chunk` columns of ``k`` (``unit``: the columns a weight block spans). A pass
+    dequantizes the block's columns once (``dequantize_rows(weights, weight buffers, first row,
+    rows, first column, columns)``, vectorised) and multiplies every activation row with them in
+    tiles of :data:`_GEMM_TILE_ROWS` activation rows by :data:`_GEMM_TILE_COLS` weight rows: per 8
+    values of ``k``, 6 + 2 vector loads feed 12 independent FMA chains that stay in registers, and
+    each of the 12 outputs is summed across its lanes at the end of the pass, into ``out``. Rows
+    left over go one at a time."""
     x_shape, out_shape = shapes[0], shapes[1]
-    block, lanes, cols = gemm_block_rows(n), F32_LANES, _GEMM_TILE_COLS
+    block, cols, chunk = gemm_block_rows(n), _GEMM_TILE_COLS, gemm_k_chunk(k, unit)
     rows = functools.reduce(lambda a, b: a * b, x_shape[:-1])
     with IRBuilder() as builder:
         with IB.prim_func(s_tir=True):
@@ -218,42 +232,47 @@ def _dequantized_gemm(name: str, n: int, k: int, shapes: list[tuple], residual: 
                     IB.reads([x_rows[0:rows * k], *(w[0:w.shape[0], 0:w.shape[1]] for w in weight.values()),
                               *([added_rows[0:rows * n]] if residual else [])])
                     IB.writes([out_rows[0:rows * n]])
-                    weights = IB.sblock_alloc_buffer((block * k,), "float32")
-                    acc = IB.sblock_alloc_buffer((_GEMM_TILE_ROWS, cols, lanes), "float32")
+                    weights = IB.sblock_alloc_buffer((block * chunk,), "float32")
+                    acc = IB.sblock_alloc_buffer((_GEMM_TILE_ROWS, cols, F32_LANES), "float32")
                     total = IB.sblock_alloc_buffer((1,), "float32")
                     j0 = task * block
-                    dequantize_rows(weights, weight, j0, block)
-                    tile = functools.partial(_gemm_tile, k, n, acc, total, x_rows, weights, out_rows, added_rows)
-                    with IB.serial(0, block // cols) as jb:
-                        tiles = rows // _GEMM_TILE_ROWS
-                        with IB.serial(0, tiles) as t:
-                            tile(t * _GEMM_TILE_ROWS, _GEMM_TILE_ROWS, j0, jb * cols)
-                        with IB.serial(tiles * _GEMM_TILE_ROWS, rows) as m:
-                            tile(m, 1, j0, jb * cols)
+                    with IB.serial(0, k // chunk) as pass_:
+                        dequantize_rows(weights, weight, j0, block, pass_ * chunk, chunk)
+                        tile = functools.partial(_gemm_tile, k, n, chunk, pass_, acc, total, x_rows, weights, out_rows,
+                                                 added_rows)
+                        with IB.serial(0, block // cols) as jb:
+                            tiles = rows // _GEMM_TILE_ROWS
+                            with IB.serial(0, tiles) as t:
+                                tile(t * _GEMM_TILE_ROWS, _GEMM_TILE_ROWS, j0, jb * cols)
+                            with IB.serial(tiles * _GEMM_TILE_ROWS, rows) as m:
+                                tile(m, 1, j0, jb * cols)
     return builder.get()
 
 
-def _gemm_tile(k, n, acc, total, x_rows, weights, out_rows, added_rows, first, count: int, j0, jb) -> None:
+def _gemm_tile(k, n, chunk, pass_, acc, total, x_rows, weights, out_rows, added_rows, first, count: int, j0,
+               jb) -> None:
     """Outputs of activation rows ``first ..`` (``count`` of them) for weight rows ``jb ..`` of
-    the task's block (``j0``: the block's first row)."""
+    the task's block (``j0``: the block's first row), over the columns of pass ``pass_``: the
+    first pass writes them (plus the residual), the others add to them."""
     lanes, cols = F32_LANES, _GEMM_TILE_COLS
     for r in range(count):
         for c in range(cols):
             with IB.vectorized(0, lanes) as lane:
                 IB.buffer_store(acc, 0.0, [r, c, lane])
-    with IB.serial(0, k // lanes) as kv:
+    with IB.serial(0, chunk // lanes) as kv:
         for r in range(count):
             for c in range(cols):
                 with IB.vectorized(0, lanes) as lane:
-                    IB.buffer_store(acc, acc[r, c, lane] + x_rows[(first + r) * k + kv * lanes + lane]
-                                    * weights[(jb + c) * k + kv * lanes + lane], [r, c, lane])
+                    IB.buffer_store(acc, acc[r, c, lane] + x_rows[(first + r) * k + pass_ * chunk + kv * lanes + lane]
+                                    * weights[(jb + c) * chunk + kv * lanes + lane], [r, c, lane])
     for r in range(count):
         for c in range(cols):
             IB.buffer_store(total, 0.0, [0])
             with IB.serial(0, lanes) as lane:
                 IB.buffer_store(total, total[0] + acc[r, c, lane], [0])
             index = (first + r) * n + j0 + jb + c
-            IB.buffer_store(out_rows, total[0] + added_rows[index] if added_rows is not None else total[0], [index])
+            start = added_rows[index] if added_rows is not None else tirx.const(0.0, "float32")
+            IB.buffer_store(out_rows, total[0] + tirx.if_then_else(pass_ == 0, start, out_rows[index]), [index])
 
 
 def block_gemv_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tuple], residual: bool) -> tirx.PrimFunc:

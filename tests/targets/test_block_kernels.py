@@ -16,7 +16,8 @@ from relaxlm.targets.cpu_schedules import BlockMatmul, NTMatmul
 from support import random_blocks
 from test_cpu_schedules import dequantize_nt_matmul, nt_matmul, replacement_by, run
 
-# 96 output rows (32-row prefill blocks, 16-row decode tasks), 512 inputs (two K-quant super-blocks).
+# 96 output rows (32-row prefill blocks, 16-row decode tasks), 512 inputs (two K-quant super-blocks;
+# 6144 for prefill in passes over k).
 OUT, IN = 96, 512
 
 
@@ -25,16 +26,16 @@ def target():
     return resolve("llvm").target
 
 
-def block_matmul(layout, rows, residual: bool) -> tirx.PrimFunc:
+def block_matmul(layout, rows, residual: bool, inputs: int = IN) -> tirx.PrimFunc:
     """``dequantize`` (annotated with its layout, as the gguf scheme emits it) → NT matmul
     (→ ``+ residual``), as passes.fusion leaves it; parameters in TE's order."""
-    components = [te.placeholder((OUT, IN // layout.block * c.per_block), c.dtype, name=c.name)
+    components = [te.placeholder((OUT, inputs // layout.block * c.per_block), c.dtype, name=c.name)
                   for c in layout.components]
     named = {c.name: p for c, p in zip(layout.components, components)}
-    w = te.compute((OUT, IN), lambda j, col: layout.value(named, j, col), name="dequantize",
+    w = te.compute((OUT, inputs), lambda j, col: layout.value(named, j, col), name="dequantize",
                    attrs={LAYOUT_ATTR: layout.name})
-    x = te.placeholder((1, rows, IN), name="x")
-    k = te.reduce_axis((0, IN), name="k")
+    x = te.placeholder((1, rows, inputs), name="x")
+    k = te.reduce_axis((0, inputs), name="k")
     y = te.compute((1, rows, OUT), lambda b, i, j: te.sum(x[b, i, k] * w[j, k], axis=k), name="NT_matmul")
     if not residual:
         return te.create_prim_func([*components, x, y])
@@ -43,19 +44,20 @@ def block_matmul(layout, rows, residual: bool) -> tirx.PrimFunc:
     return te.create_prim_func([*components, x, r, out])
 
 
-@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("rows, inputs", [(1, IN), (7, IN), (7, 12 * IN)])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_block_kernels_match_unscheduled(target, name, rows, residual):
-    """Decode (1 row) and prefill (symbolic rows; 7 = a tile of 6 and a leftover row), for every
-    layout: the replacement keeps the parameters and computes what the plain kernel does."""
+def test_block_kernels_match_unscheduled(target, name, rows, inputs, residual):
+    """Decode (1 row) and prefill (symbolic rows; 7 = a tile of 6 and a leftover row; 6144 inputs
+    in three passes over k), for every layout: the replacement keeps the parameters and computes
+    what the plain kernel does."""
     layout = LAYOUTS[name]
     rng = np.random.default_rng(2)
-    func = block_matmul(layout, 1 if rows == 1 else tirx.Var("seq_len", "int64"), residual)
+    func = block_matmul(layout, 1 if rows == 1 else tirx.Var("seq_len", "int64"), residual, inputs)
     replacement = replacement_by(BlockMatmul(), func, target, "gemv" if rows == 1 else "gemm")
-    raw = random_blocks(layout, OUT, IN, seed=3)
+    raw = random_blocks(layout, OUT, inputs, seed=3)
     parts = layout.split(raw)
-    x = rng.standard_normal((1, rows, IN), dtype="float32")
+    x = rng.standard_normal((1, rows, inputs), dtype="float32")
     args = [parts[c.name] for c in layout.components] + [x]
     args += [rng.standard_normal((1, rows, OUT), dtype="float32")] * residual
     expected = run(func, target, args, (1, rows, OUT))
