@@ -68,7 +68,7 @@ def relax_pipeline(target: tvm.target.Target, recipe, debug_dump: Path | None = 
         # nn.Linear exports permute_dims(W) + matmul: fuse them so weights are not transposed per call.
         + [relax.transform.FuseTransposeMatmul()]
         + backend.library_dispatch_passes(target)
-        + [relax.transform.LegalizeOps()]
+        + [relax.transform.LegalizeOps(recipe.legalizations())]
         + fusion_passes()
         + _dump(debug_dump, "1_fused")
         + ([dlight.ApplyDefaultSchedule(*schedule_rules)] if schedule_rules else [])

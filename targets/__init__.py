@@ -22,7 +22,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
 from tvm.relax.backend.cuda import pipeline as cuda_backend
 from tvm.relax.backend.gpu_generic import pipeline as gpu_backend
 
-from . import cpu_attention, cpu_schedules, gpu
+from . import cpu_attention, cpu_kernels, cpu_schedules, gpu
 from .cpu_features import cpu_features
 from .errors import TargetError
 
@@ -54,6 +54,8 @@ class TargetRecipe:
     device: str = ""
     # Where its libraries run when that is not relaxlm's Python runtime (recorded in the manifest).
     runs_in: str | None = None
+    # Relax ops legalized otherwise than TVM does by default (LegalizeOps' customize_legalize_map).
+    legalizations: Callable[[], dict] = dict
     # Kernels of TVM's paged KV cache it replaces at export: (KV-cache spec) -> {name: PrimFunc}.
     kv_cache_kernels: Callable[[object], dict] = lambda _spec: {}
     # Whether its paged KV cache masks the cached keys of sliding-window layers exactly when a
@@ -120,6 +122,8 @@ TARGETS: dict[str, TargetRecipe] = {
         library_file="lib.so",
         kv_cache_kernels=cpu_attention.kv_cache_kernels,
         exact_sliding_window_prefill=True,
+        # tanh (Gemma 3's GELU) as vector code: TVM's is a libm call per element.
+        legalizations=cpu_kernels.vector_math_legalizations,
     ),
     "cuda": _gpu_recipe(
         name="cuda",

@@ -26,7 +26,7 @@ from tvm import tirx
 from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len
 from tvm.script import tirx as T
 
-from .cpu_kernels import F32_LANES
+from .cpu_kernels import F32_LANES, vector_exp2
 
 # Keys per step of the online softmax (a page of TVM's cache).
 KEY_TILE = 16
@@ -84,23 +84,6 @@ def _results(var_output, var_lse, rows, h_q: int, d: int, dtype: str):
 DECODE_SPLITS, DECODE_SPLIT_PAGES = 8, 4
 # Queries per task of the query-blocked kernels: the vector lanes of scores and softmax state.
 QUERY_BLOCK = 16
-# Cephes' exp2f polynomial on [-1/2, 1/2]: 2^f = 1 + f * P(f), within 2e-7 relative.
-_EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
-              2.402264791363012e-1, 6.931472028550421e-1)
-
-
-def _exp2(x):
-    """2^x in float32 by a polynomial that LLVM vectorises (``T.exp2`` on a vector becomes one
-    libm call per lane); 0 below 2^-126, where TVM's "minus infinity" scores land."""
-    n = T.floor(x + T.float32(0.5))
-    f = x - n
-    poly = T.float32(_EXP2_POLY[0])
-    for coefficient in _EXP2_POLY[1:]:
-        poly = poly * f + T.float32(coefficient)
-    power = T.reinterpret("float32", T.shift_left(T.Cast("int32", T.max(n, T.float32(-126))) + 127, 23))
-    return T.if_then_else(x < T.float32(-126), T.float32(0), (f * poly + T.float32(1)) * power)
-
-
 def _sees(bounds, r, position):
     """Whether row ``r`` of a block sees the key at ``position``."""
     return tirx.all(bounds[0, r] <= position, position < bounds[1, r])
@@ -127,12 +110,12 @@ def _attend_block(qt, keys, values, n, key_base, bounds, o, scores, state, acc, 
         for r in T.vectorized(bounds.shape[1]):
             state[_NEW_MAX, r] = T.max(state[_NEW_MAX, r], scores[key, r])
     for r in T.vectorized(bounds.shape[1]):
-        state[_RESCALE, r] = _exp2(state[_MAX, r] - state[_NEW_MAX, r])
+        state[_RESCALE, r] = vector_exp2(state[_MAX, r] - state[_NEW_MAX, r])
         state[_SUM, r] *= state[_RESCALE, r]
         state[_MAX, r] = state[_NEW_MAX, r]
     for key in T.serial(n):
         for r in T.vectorized(bounds.shape[1]):
-            scores[key, r] = T.if_then_else(_sees(bounds, r, key_base + key), _exp2(scores[key, r] - state[_MAX, r]),
+            scores[key, r] = T.if_then_else(_sees(bounds, r, key_base + key), vector_exp2(scores[key, r] - state[_MAX, r]),
                                             T.float32(0))
             state[_SUM, r] += scores[key, r]
     for r in T.serial(rows):

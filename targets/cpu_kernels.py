@@ -14,6 +14,7 @@ The attention kernels are in :mod:`.cpu_attention`.
 from __future__ import annotations
 
 import functools
+import math
 
 import tvm
 from tvm import tirx
@@ -137,6 +138,53 @@ def group_gemv_cpu(n: int, k: int, groups: int, shapes: list[tuple], scale_dtype
                         out_row[j] = total[0]
 
     return group_gemv
+
+
+# Cephes' exp2f polynomial on [-1/2, 1/2]: 2^f = 1 + f * P(f), within 2e-7 relative.
+_EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
+              2.402264791363012e-1, 6.931472028550421e-1)
+
+
+def vector_exp2(x):
+    """2^x in float32 by a polynomial that LLVM vectorises (``exp2`` and ``tanh`` on a vector
+    become one libm call per lane), within 2e-7 relative; 0 below 2^-126, where TVM's "minus
+    infinity" attention scores land, and 2^128 above 127."""
+    n = T.min(T.floor(x + T.float32(0.5)), T.float32(128))
+    f = x - n
+    poly = T.float32(_EXP2_POLY[0])
+    for coefficient in _EXP2_POLY[1:]:
+        poly = poly * f + T.float32(coefficient)
+    power = T.reinterpret("float32", T.shift_left(T.Cast("int32", T.max(n, T.float32(-126))) + 127, 23))
+    return T.if_then_else(x < T.float32(-126), T.float32(0), (f * poly + T.float32(1)) * power)
+
+
+def vector_tanh(x):
+    """tanh(x) as 1 - 2 / (e^2x + 1) through :func:`vector_exp2`: vectorisable, within 2e-7 of
+    float64's tanh (TVM's own llvm lowering of tanh is off by up to 1e-4 relative near 0)."""
+    clamped = T.max(T.min(x, T.float32(9)), T.float32(-9))
+    return T.float32(1) - T.float32(2) / (vector_exp2(clamped * T.float32(2 * math.log2(math.e))) + T.float32(1))
+
+
+def vector_math_legalizations() -> dict:
+    """Relax ops legalized through :func:`vector_tanh` instead of TVM's ``tanh`` (the GELU of
+    Gemma 3's MLP, its logit soft-capping), as transformers computes them, for LegalizeOps."""
+    from tvm import te
+
+    def elementwise(formula):
+        def legalize(bb, call):
+            def compute(x):
+                return te.compute(x.shape, lambda *i: formula(x(*i).astype("float32")).astype(x.dtype),
+                                  name="vector_math")
+            return bb.call_te(compute, call.args[0])
+        return legalize
+
+    sqrt_2_over_pi = math.sqrt(2 / math.pi)
+    return {
+        "relax.tanh": elementwise(vector_tanh),
+        "relax.nn.gelu_tanh": elementwise(
+            lambda x: T.float32(0.5) * x * (T.float32(1) + vector_tanh(
+                T.float32(sqrt_2_over_pi) * (x + T.float32(0.044715) * x * x * x)))),
+    }
 
 
 def gemm_block_rows(n: int) -> int | None:
