@@ -384,38 +384,36 @@ class _AttentionReplacement(CPUScheduleRule):
         kernel = self.kernel(reads)
         return s_tir.Schedule(kernel) if kernel is not None else None
 
-    @staticmethod
-    def kernel(reads: dict) -> tirx.PrimFunc | None:
+    def kernel(self, reads: dict) -> tirx.PrimFunc | None:
         """relaxlm's kernel for the shapes of TVM's, or None where it has none."""
         raise NotImplementedError
+
+
+def _paged_heads(q, pages) -> tuple[int, int, int] | None:
+    """(kv heads, query heads, head dim) of a TVM kernel over the paged cache, or None where
+    relaxlm's kernels take none of its shapes."""
+    (_, h_q, d), (_, _, h_kv, page_size, _) = q.shape, pages.shape
+    if int(d) % F32_LANES or int(page_size) != KEY_TILE:
+        return None
+    return int(h_kv), int(h_q), int(d)
 
 
 class DecodeAttention(_AttentionReplacement):
     """One query per sequence over its paged keys: :func:`decode_attention_cpu`."""
 
     replaces = "batch_decode_paged_kv_cpu"
+    sliding = False
 
-    @staticmethod
-    def kernel(reads: dict) -> tirx.PrimFunc | None:
-        q, pages = reads["Q"], reads["pages"]
-        (_, h_q, d), (_, _, h_kv, page_size, _) = q.shape, pages.shape
-        if int(d) % F32_LANES or int(page_size) != KEY_TILE:
-            return None
-        return decode_attention_cpu(int(h_kv), int(h_q), int(d), str(q.dtype))
+    def kernel(self, reads: dict) -> tirx.PrimFunc | None:
+        heads = _paged_heads(reads["Q"], reads["pages"])
+        return heads and decode_attention_cpu(*heads, str(reads["Q"].dtype), sliding=self.sliding)
 
 
-class SlidingDecodeAttention(_AttentionReplacement):
+class SlidingDecodeAttention(DecodeAttention):
     """One query per sequence over the keys its window keeps: :func:`decode_attention_cpu`."""
 
     replaces = "batch_decode_paged_kv_cpu_sliding_window"
-
-    @staticmethod
-    def kernel(reads: dict) -> tirx.PrimFunc | None:
-        q, pages = reads["Q"], reads["pages"]
-        (_, h_q, d), (_, _, h_kv, page_size, _) = q.shape, pages.shape
-        if int(d) % F32_LANES or int(page_size) != KEY_TILE:
-            return None
-        return decode_attention_cpu(int(h_kv), int(h_q), int(d), str(q.dtype), sliding=True)
+    sliding = True
 
 
 class RaggedPrefillAttention(_AttentionReplacement):
@@ -439,11 +437,8 @@ class PagedPrefillAttention(_AttentionReplacement):
 
     @staticmethod
     def kernel(reads: dict) -> tirx.PrimFunc | None:
-        q, pages = reads["q"], reads["pages"]
-        (_, h_q, d), (_, _, h_kv, page_size, _) = q.shape, pages.shape
-        if int(d) % F32_LANES or int(page_size) != KEY_TILE:
-            return None
-        return paged_prefill_attention_cpu(int(h_kv), int(h_q), int(d), str(q.dtype))
+        heads = _paged_heads(reads["q"], reads["pages"])
+        return heads and paged_prefill_attention_cpu(*heads, str(reads["q"].dtype))
 
 
 class SplitQKV(CPUScheduleRule):
