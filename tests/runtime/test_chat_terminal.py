@@ -4,8 +4,10 @@ counts show). The reference for token counts is the artifact's own tokenizer and
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pexpect
 import pytest
@@ -29,9 +31,19 @@ def _chat(artifact, *options, timeout=60):
     # A dumb terminal: readline writes no escape sequences into what the test reads.
     env = dict(os.environ, HF_HUB_OFFLINE="1", TERM="dumb")
     child = pexpect.spawn(sys.executable, ["-m", "relaxlm.compiler.cli", "chat", str(artifact), *map(str, options)],
-                          env=env, encoding="utf-8", timeout=timeout, dimensions=(24, 200))
+                          env=env, encoding="utf-8", timeout=timeout, dimensions=(24, 200),
+                          preexec_fn=_default_ctrl_c)
     child.expect_exact(PROMPT)
+    # The prompt is written before readline waits for input; a person types after that.
+    time.sleep(0.2)
     return child
+
+
+def _default_ctrl_c() -> None:
+    """In the child before exec: Ctrl-C as a shell starts a program with it (default action, not
+    blocked), whatever the test process's own signal state."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
 
 
 def _exit_status(child) -> int:
