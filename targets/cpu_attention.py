@@ -26,7 +26,7 @@ from tvm import tirx
 from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len
 from tvm.script import tirx as T
 
-from .cpu_kernels import F32_LANES, vector_exp2
+from .cpu_kernels import vector_exp2
 
 # Keys per step of the online softmax (a page of TVM's cache).
 KEY_TILE = 16
@@ -82,6 +82,8 @@ def _results(var_output, var_lse, rows, h_q: int, d: int, dtype: str):
 
 # Decode splits a sequence's pages among at most this many tasks, of at least this many pages.
 DECODE_SPLITS, DECODE_SPLIT_PAGES = 8, 4
+# Keys whose scores _attend_block sums at once, in independent chains of FMAs.
+_KEY_CHAINS = 4
 # Queries per task of the query-blocked kernels: the vector lanes of scores and softmax state.
 QUERY_BLOCK = 16
 def _sees(bounds, r, position):
@@ -93,10 +95,26 @@ def _sees(bounds, r, position):
 def _attend_block(qt, keys, values, n, key_base, bounds, o, scores, state, acc, rows):
     """Online softmax of a block of query rows (``bounds.shape[1]`` lanes, ``rows`` of them real)
     over ``n`` keys (rows of ``keys``/``values``, at positions ``key_base`` on): row ``r`` sees the
-    keys from ``bounds[0, r]`` up to (not including) ``bounds[1, r]``. Scores and softmax state are vectors over the rows; ``qt`` holds the
-    block's queries transposed and scaled by ``sm_scale * log2(e)``."""
+    keys from ``bounds[0, r]`` up to (not including) ``bounds[1, r]``. Scores and softmax state
+    are vectors over the rows; ``qt`` holds the block's queries transposed and scaled by
+    ``sm_scale * log2(e)``. ``acc`` (:func:`_accumulator_size`) keeps independent sums, so that
+    no loop waits on one chain of FMAs: the scores of :data:`_KEY_CHAINS` keys at a time, and
+    all of an output row's columns over the keys."""
     # state: (4 slots, rows): running max, its update, softmax sum, rescale.
-    for key in T.serial(n):
+    for key4 in T.serial(n // _KEY_CHAINS):
+        for chain, r in T.grid(_KEY_CHAINS, bounds.shape[1]):
+            acc[chain * bounds.shape[1] + r] = 0.0
+        for c in T.serial(qt.shape[0]):
+            for chain in T.unroll(_KEY_CHAINS):
+                for r in T.vectorized(bounds.shape[1]):
+                    acc[chain * bounds.shape[1] + r] += (T.Cast("float32", keys[key4 * _KEY_CHAINS + chain, c])
+                                                         * qt[c, r])
+        for chain in T.unroll(_KEY_CHAINS):
+            for r in T.vectorized(bounds.shape[1]):
+                scores[key4 * _KEY_CHAINS + chain, r] = T.if_then_else(
+                    _sees(bounds, r, key_base + key4 * _KEY_CHAINS + chain), acc[chain * bounds.shape[1] + r],
+                    T.float32(_NEG))
+    for key in T.serial(n // _KEY_CHAINS * _KEY_CHAINS, n):
         for r in T.vectorized(bounds.shape[1]):
             acc[r] = 0.0
         for c in T.serial(qt.shape[0]):
@@ -119,14 +137,13 @@ def _attend_block(qt, keys, values, n, key_base, bounds, o, scores, state, acc, 
                                             T.float32(0))
             state[_SUM, r] += scores[key, r]
     for r in T.serial(rows):
-        for c0 in T.serial(o.shape[1] // F32_LANES):
-            for lane in T.vectorized(F32_LANES):
-                acc[lane] = o[r, c0 * F32_LANES + lane] * state[_RESCALE, r]
-            for key in T.serial(n):
-                for lane in T.vectorized(F32_LANES):
-                    acc[lane] += scores[key, r] * T.Cast("float32", values[key, c0 * F32_LANES + lane])
-            for lane in T.vectorized(F32_LANES):
-                o[r, c0 * F32_LANES + lane] = acc[lane]
+        for c in T.vectorized(o.shape[1]):
+            acc[c] = o[r, c] * state[_RESCALE, r]
+        for key in T.serial(n):
+            for c in T.vectorized(o.shape[1]):
+                acc[c] += scores[key, r] * T.Cast("float32", values[key, c])
+        for c in T.vectorized(o.shape[1]):
+            o[r, c] = acc[c]
 
 
 @T.macro
@@ -150,7 +167,13 @@ def _block_buffers(d: int, block: int, tile: int):
     softmax state (4 slots per row), a vector accumulator and each row's bounds of keys."""
     return (T.sblock_alloc_buffer((d, block), "float32"), T.sblock_alloc_buffer((block, d), "float32"),
             T.sblock_alloc_buffer((tile, block), "float32"), T.sblock_alloc_buffer((4, block), "float32"),
-            T.sblock_alloc_buffer((max(block, F32_LANES),), "float32"), T.sblock_alloc_buffer((2, block), "int32"))
+            T.sblock_alloc_buffer((_accumulator_size(block, d),), "float32"),
+            T.sblock_alloc_buffer((2, block), "int32"))
+
+
+def _accumulator_size(block: int, d: int) -> int:
+    """``acc`` of :func:`_attend_block`: the scores of :data:`_KEY_CHAINS` keys, or an output row."""
+    return max(_KEY_CHAINS * block, d)
 
 
 def _rows_of(buffer, first_row, h, rows: int, row_stride):
@@ -227,7 +250,7 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding: bool 
                 o = T.sblock_alloc_buffer((lanes, d), "float32")
                 scores = T.sblock_alloc_buffer((page_size, lanes), "float32")
                 state = T.sblock_alloc_buffer((4, lanes), "float32")
-                acc = T.sblock_alloc_buffer((max(lanes, F32_LANES),), "float32")
+                acc = T.sblock_alloc_buffer((_accumulator_size(lanes, d),), "float32")
                 bounds = T.sblock_alloc_buffer((2, lanes), "int32")
                 b: T.let[T.int32] = task // (h_kv * splits)
                 kv: T.let[T.int32] = task // splits % h_kv
