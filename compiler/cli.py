@@ -266,8 +266,11 @@ def bench(artifact, prompt_len, gen_len, depth, runs, compare, source, llama_ben
               help="A UTF-8 text file.")
 @click.option("--window", type=int, default=None, help="Tokens per window (default and maximum: the context window).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--decode", is_flag=True,
+              help="Score one token per call through the decode kernels, as generation runs (slower; what integer "
+                   "activations change).")
 @reports_errors
-def perplexity(artifact, text_file, window, device):
+def perplexity(artifact, text_file, window, device, decode):
     """Perplexity of a compiled ARTIFACT over a text file, in consecutive windows."""
     from pathlib import Path
 
@@ -284,7 +287,7 @@ def perplexity(artifact, text_file, window, device):
     ids = model.tokenizer(text)["input_ids"]
     total = scored_tokens(ids, window_size(model, window)) if len(ids) >= 2 else 0
     with tqdm(total=total, desc="scoring", unit="token", disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
-        result = perplexity_of_ids(model, ids, window=window, progress=bar.update)
+        result = perplexity_of_ids(model, ids, window=window, progress=bar.update, decode=decode)
     click.echo(f"perplexity {result.perplexity:.4f} over {result.scored_tokens} tokens "
                f"({result.windows} window(s) of up to {result.window} tokens)")
 

@@ -8,7 +8,9 @@ what ``transformers`` gives for the same window in one forward pass.
 
 Scoring streams: each call appends a chunk of the window and returns the logits after each of its
 tokens, which are reduced to one sum before the next call. Memory is then bounded by the chunk,
-whatever the text and the window.
+whatever the text and the window. With ``decode``, each call appends one token through the decode
+entry point, as generation does: what an artifact whose decode kernels differ from its prefill
+ones (integer activations) scores when it generates.
 """
 
 from __future__ import annotations
@@ -72,12 +74,18 @@ def nll_of(logits: np.ndarray, targets: np.ndarray) -> float:
     return total
 
 
-def _window_nll(model: Model, ids: list[int], progress: Callable[[int], None]) -> float:
-    """-sum log p(ids[i] | ids[:i]) for i ≥ 1, scored chunk by chunk."""
+def _window_nll(model: Model, ids: list[int], progress: Callable[[int], None], decode: bool) -> float:
+    """-sum log p(ids[i] | ids[:i]) for i ≥ 1, scored chunk by chunk (one decode call per token
+    with ``decode``)."""
     step = tokens_per_call(model)
     inputs, targets = ids[:-1], np.asarray(ids[1:])
     total = 0.0
     with model.new_sequence() as seq:
+        if decode:
+            for i, token in enumerate(inputs):
+                total += nll_of(seq.decode(token)[None], targets[i:i + 1])
+                progress(1)
+            return total
         for start in range(0, len(inputs), step):
             chunk = inputs[start : start + step]
             total += nll_of(seq.logits_after_each(chunk), targets[start : start + len(chunk)])
@@ -86,14 +94,14 @@ def _window_nll(model: Model, ids: list[int], progress: Callable[[int], None]) -
 
 
 def perplexity_of_ids(model: Model, token_ids: Seq[int], window: int | None = None,
-                      progress: Callable[[int], None] | None = None) -> PerplexityResult:
+                      progress: Callable[[int], None] | None = None, decode: bool = False) -> PerplexityResult:
     """Perplexity of ``model`` over ``token_ids`` in windows of ``window`` tokens (see the module
-    doc); ``progress(n)`` is told each time ``n`` more tokens are scored."""
+    doc; ``decode``: a token per call); ``progress(n)`` is told each time ``n`` more tokens are scored."""
     size = window_size(model, window)
     chunks = windows_of(token_ids, size)
     if not chunks:
         raise GenerationError("perplexity needs a text of at least 2 tokens")
-    nll = sum(_window_nll(model, ids, progress or (lambda _n: None)) for ids in chunks)
+    nll = sum(_window_nll(model, ids, progress or (lambda _n: None), decode) for ids in chunks)
     scored = sum(len(ids) - 1 for ids in chunks)
     return PerplexityResult(math.exp(nll / scored), nll, scored, len(chunks), size)
 
@@ -104,6 +112,6 @@ def scored_tokens(token_ids: Seq[int], window: int) -> int:
 
 
 def perplexity(model: Model, text: str, window: int | None = None,
-               progress: Callable[[int], None] | None = None) -> PerplexityResult:
+               progress: Callable[[int], None] | None = None, decode: bool = False) -> PerplexityResult:
     """Perplexity of ``model`` over ``text``, tokenized by the artifact's tokenizer as it does by default."""
-    return perplexity_of_ids(model, model.tokenizer(text)["input_ids"], window, progress)
+    return perplexity_of_ids(model, model.tokenizer(text)["input_ids"], window, progress, decode)

@@ -40,9 +40,10 @@ def reference_perplexity(logits_of, token_ids, window):
     # Sliding-window layers (window 8) inside windows of 30 tokens: scored a window per call.
     (GEMMA3_SPECS["sliding_global_softcap"], 30),
 ])
-def test_perplexity_matches_transformers(tiny_models, spec, window):
+@pytest.mark.parametrize("decode", [False, True], ids=["chunks", "decode"])
+def test_perplexity_matches_transformers(tiny_models, spec, window, decode):
     tiny = tiny_models(spec)
-    result = perplexity_of_ids(tiny.model, TOKENS, window=window)
+    result = perplexity_of_ids(tiny.model, TOKENS, window=window, decode=decode)
     expected = reference_perplexity(tiny.reference_logits, TOKENS, window)
     assert result.windows == math.ceil(len(TOKENS) / window)
     assert result.scored_tokens == len(TOKENS) - result.windows
@@ -55,14 +56,15 @@ def test_window_defaults_to_and_is_capped_by_the_context_window(tiny_models):
     assert perplexity_of_ids(model, TOKENS[:20], window=10 * model.context_window).window == model.context_window
 
 
-def test_cli_scores_a_text_file_with_the_artifacts_tokenizer(tiny_models, tmp_path):
+@pytest.mark.parametrize("decode", [False, True], ids=["chunks", "decode"])
+def test_cli_scores_a_text_file_with_the_artifacts_tokenizer(tiny_models, tmp_path, decode):
     tiny = tiny_models(LLAMA_SPECS["mha_llama3_bias_bf16"])
     text = " ".join(f"w{t - 3}" for t in TOKENS)
     (tmp_path / "text.txt").write_text(text)
-    expected = perplexity(tiny.model, text, window=40)
+    expected = perplexity(tiny.model, text, window=40, decode=decode)
     assert expected.scored_tokens == len(TOKENS) - 3
     result = CliRunner().invoke(main, ["perplexity", str(tiny.artifact), "--text", str(tmp_path / "text.txt"),
-                                       "--window", "40"])
+                                       "--window", "40"] + (["--decode"] if decode else []))
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"perplexity {expected.perplexity:.4f} over {expected.scored_tokens} tokens")
 
