@@ -58,6 +58,10 @@ class BlockLayout:
     code: Callable[[Buffers, object, object, int | object], object]
     scale: Callable[[Buffers, object, object, object], object]
     offset: Callable[[Buffers, object, object, object], object] | None = None
+    # The codes run over ``code_min .. code_min + 2^code_bits - 1`` (the integer kernels'
+    # unsigned bytes are ``code - code_min``).
+    code_bits: int = 4
+    code_min: int = 0
 
     def component_of(self, dtype: str, width: int, k: int) -> Component | None:
         """The component stored as ``[rows, width]`` of ``dtype`` for rows of ``k`` weights."""
@@ -154,6 +158,7 @@ Q4_0 = BlockLayout(
     join_block=lambda p: _concat(p["d"], p["qs"]),
     code=lambda c, j, b, e: _low_high_nibble(c, j, b, e) - 8,
     scale=lambda c, j, b, s: _half(c["d"][j, b]),
+    code_min=-8,
 )
 
 Q4_1 = BlockLayout(
@@ -180,6 +185,7 @@ Q5_0 = BlockLayout(
     join_block=lambda p: _concat(p["d"], p["qh"].astype(np.uint32), p["qs"]),
     code=_q5_0_code,
     scale=lambda c, j, b, s: _half(c["d"][j, b]),
+    code_bits=5, code_min=-16,
 )
 
 Q8_0 = BlockLayout(
@@ -189,6 +195,7 @@ Q8_0 = BlockLayout(
     join_block=lambda p: _concat(p["d"], p["qs"].astype(np.int8)),
     code=lambda c, j, b, e: c["qs"][j, b * 32 + e].astype("int32"),
     scale=lambda c, j, b, s: _half(c["d"][j, b]),
+    code_bits=8, code_min=-128,
 )
 
 
@@ -273,6 +280,7 @@ Q5_K = BlockLayout(
     code=_q5_k_code,
     scale=_k_scale,
     offset=_k_offset,
+    code_bits=5,
 )
 
 
@@ -294,6 +302,7 @@ Q6_K = BlockLayout(
     join_block=lambda p: _concat(p["ql"], p["qh"], p["sc"].astype(np.int8), p["d"]),
     code=_q6_k_code,
     scale=lambda c, j, b, s: _half(c["d"][j, b]) * c["sc"][j, b * 16 + s].astype("float32"),
+    code_bits=6, code_min=-32,
 )
 
 LAYOUTS: dict[str, BlockLayout] = {layout.name: layout for layout in (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K)}

@@ -58,11 +58,13 @@ def _replace_hand_scheduled(rules: list) -> list[tvm.transform.Pass]:
     return [run]
 
 
-def relax_pipeline(target: tvm.target.Target, recipe, debug_dump: Path | None = None):
+def relax_pipeline(target: tvm.target.Target, recipe, debug_dump: Path | None = None,
+                   activations: str = "float32"):
     """Legalize, fuse, schedule and lower for ``target``. ``recipe`` (a ``targets.TargetRecipe``)
-    gives the dlight schedule rules and TVM's backend pass lists for the device."""
+    gives the dlight schedule rules and TVM's backend pass lists for the device; ``activations``
+    (float32, int16, int8) what its rules' projections round activations to."""
     backend = recipe.backend
-    schedule_rules = recipe.schedule_rules()
+    schedule_rules = recipe.schedule_rules(activations)
     passes = (
         _dump(debug_dump, "0_exported")
         # nn.Linear exports permute_dims(W) + matmul: fuse them so weights are not transposed per call.

@@ -81,6 +81,8 @@ class Manifest:
     # The sampling settings the model's authors recommend (its generation_config), as given.
     generation: dict[str, Any]
     calibration: dict[str, Any] | None = None
+    # What the decode projections round their activations to: float32, int16 or int8.
+    activations: str = "float32"
     format_version: int = FORMAT_VERSION
 
     def write(self, directory: Path) -> None:

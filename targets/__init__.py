@@ -22,7 +22,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
 from tvm.relax.backend.cuda import pipeline as cuda_backend
 from tvm.relax.backend.gpu_generic import pipeline as gpu_backend
 
-from . import cpu_attention, cpu_kernels, cpu_schedules, gpu
+from . import cpu_attention, cpu_integer, cpu_kernels, cpu_schedules, gpu
 from .cpu_features import cpu_features
 from .errors import TargetError
 
@@ -34,7 +34,8 @@ class TargetRecipe:
     name: str
     description: str
     make_target: Callable[[str | None], tvm.target.Target]
-    schedule_rules: Callable[[], list]
+    # Its dlight schedule rules: (activations: int8, int16 or float32) -> rules, most specific first.
+    schedule_rules: Callable[[str], list]
     # TVM's backend pipeline module for this device: its library dispatch, dataflow lowering and
     # finalisation passes (tvm.relax.backend.<backend>.pipeline).
     backend: ModuleType
@@ -54,6 +55,9 @@ class TargetRecipe:
     device: str = ""
     # Where its libraries run when that is not relaxlm's Python runtime (recorded in the manifest).
     runs_in: str | None = None
+    # Whether its projections can round activations to integers for integer dot products on
+    # this target (``--activations int16`` or ``int8``; ``targets.cpu_integer``).
+    integer_activations: Callable[[tvm.target.Target], bool] = lambda _target: False
     # Relax ops legalized otherwise than TVM does by default (LegalizeOps' customize_legalize_map).
     legalizations: Callable[[], dict] = dict
     # Kernels of TVM's paged KV cache it replaces at export: (KV-cache spec) -> {name: PrimFunc}.
@@ -99,7 +103,7 @@ def _llvm(arch: str | None) -> tvm.target.Target:
 
 # What GPU targets share: 4-bit weights computed in fp16 (checked on an H100: tests/gpu).
 _gpu_recipe = functools.partial(
-    TargetRecipe, schedule_rules=gpu.gpu_rules, backend=gpu_backend, compute_dtype="float16",
+    TargetRecipe, schedule_rules=lambda _activations: gpu.gpu_rules(), backend=gpu_backend, compute_dtype="float16",
     default_quantization="q4f16_1",
 )
 
@@ -115,6 +119,7 @@ TARGETS: dict[str, TargetRecipe] = {
         # injective kernels (targets.cpu_schedules). dlight's CPU rules (cpu.GEMV, cpu.Reduction)
         # are not used: they make the build many times slower, too slow for a real model.
         schedule_rules=cpu_schedules.cpu_rules,
+        integer_activations=cpu_integer.has_integer_dots,
         backend=cpu_backend,
         device="cpu",
         compute_dtype="float32",

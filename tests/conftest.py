@@ -53,17 +53,18 @@ def smollm2_reference():
 
 
 @pytest.fixture(scope="session")
-def bundled_artifacts(tmp_path_factory) -> Callable[[str, str], Path]:
-    """A bundled model (``smollm2-135m``, ``gemma3-270m``) compiled for llvm at a quantization,
-    once per session."""
+def bundled_artifacts(tmp_path_factory) -> Callable[..., Path]:
+    """A bundled model (``smollm2-135m``, ``gemma3-270m``) compiled for llvm at a quantization
+    (and ``activations``: None for the default), once per session."""
     root = tmp_path_factory.mktemp("bundled")
-    cache: dict[tuple[str, str], Path] = {}
+    cache: dict[tuple[str, str, str | None], Path] = {}
 
-    def get(alias: str, quantization: str) -> Path:
-        if (alias, quantization) not in cache:
-            cache[alias, quantization] = compile_model(alias, target="llvm", quantization=quantization,
-                                                       output=root / f"{alias}-{quantization}-llvm")
-        return cache[alias, quantization]
+    def get(alias: str, quantization: str, activations: str | None = None) -> Path:
+        key = alias, quantization, activations
+        if key not in cache:
+            cache[key] = compile_model(alias, target="llvm", quantization=quantization, activations=activations,
+                                       output=root / "-".join([alias, quantization, activations or "default", "llvm"]))
+        return cache[key]
 
     return get
 

@@ -28,9 +28,12 @@ def randomize_norms(model: torch.nn.Module, std: float = 0.3) -> torch.nn.Module
     return model
 
 
-def prefill_and_decode_errors(tiny: TinyModel, prompt=PROMPT, continuation=CONTINUATION) -> list[float]:
-    """Relative errors of our logits against transformers' after the prompt and after each decode step."""
-    expected = tiny.reference_logits(prompt + continuation)
+def prefill_and_decode_errors(tiny: TinyModel, prompt=PROMPT, continuation=CONTINUATION,
+                              expected: np.ndarray | None = None) -> list[float]:
+    """Relative errors of our logits against transformers' (or ``expected``: logits at every
+    position of ``prompt + continuation``) after the prompt and after each decode step."""
+    if expected is None:
+        expected = tiny.reference_logits(prompt + continuation)
     with tiny.model.new_sequence() as seq:
         errors = [relative_error(seq.prefill(prompt), expected[len(prompt) - 1])]
         for step, token in enumerate(continuation):

@@ -4,12 +4,17 @@ transformers, which reads the same file (both undo llama.cpp's q/k row order).""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 
+from relaxlm import targets
 from relaxlm.passes.gguf_blocks import LAYOUTS
+from relaxlm.targets.cpu_integer import X_BLOCK, dot_product_for
 from support import float16_views, random_blocks
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 256, 512, 2, 4, 2
@@ -25,6 +30,10 @@ TYPES = {
     "blk.1.attn_q": "Q8_0", "blk.1.attn_k": "Q8_0", "blk.1.attn_v": "Q8_0", "blk.1.attn_output": "Q4_1",
     "blk.1.ffn_gate": "Q6_K", "blk.1.ffn_up": "Q6_K", "blk.1.ffn_down": "Q4_K",
 }
+# The transformers module of each projection, by llama.cpp's name.
+HF_PROJECTIONS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                  "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                  "ffn_down": "mlp.down_proj"}
 # Weights of about this standard deviation keep the activations of random layers in range.
 WEIGHT_STD = 0.05
 
@@ -90,3 +99,43 @@ def write_tiny_gguf(path: Path, types: dict[str, str] | None = None) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def rounded(x: np.ndarray, bits: int) -> np.ndarray:
+    """``x`` as ``cpu_integer`` rounds decode's activations: integers of ``bits`` times a float32
+    scale per :data:`X_BLOCK` values (in float64)."""
+    top = np.float32(2 ** (bits - 1) - 1)
+    blocks = x.reshape(-1, X_BLOCK)
+    largest = np.abs(blocks).max(axis=1, keepdims=True)
+    inverse = np.where(largest > 0, top / np.where(largest > 0, largest, 1), 0).astype(np.float32)
+    codes = np.round(blocks * inverse)
+    return (codes * (largest / top).astype(np.float32)).reshape(x.shape).astype(np.float64)
+
+
+def _round_rows(_module, args, bits: int, first: int):
+    x = args[0].clone()
+    x[:, first:] = torch.from_numpy(rounded(x[:, first:].numpy(), bits)).float()
+    return (x,)
+
+
+@contextlib.contextmanager
+def rounded_activations(reference: torch.nn.Module, bits: int, prompt_len: int, types: dict[str, str] = TYPES):
+    """transformers' tiny GGUF model made to round the inputs of the projections this CPU's decode
+    kernels round (every layout with an integer dot product here), at the positions that relaxlm
+    computes one row at a time: every decoded token's, and the logits' of the prompt's last."""
+    target = targets.resolve("llvm").target
+    hooks = []
+    for name, ggml_type in types.items():
+        if name == "token_embd" or dot_product_for(target, LAYOUTS[ggml_type], bits) is None:
+            continue
+        if name == "output":
+            module, first = reference.lm_head, prompt_len - 1
+        else:
+            _, layer, kind = name.split(".")
+            module, first = reference.model.layers[int(layer)].get_submodule(HF_PROJECTIONS[kind]), prompt_len
+        hooks.append(module.register_forward_pre_hook(functools.partial(_round_rows, bits=bits, first=first)))
+    try:
+        yield reference
+    finally:
+        for hook in hooks:
+            hook.remove()

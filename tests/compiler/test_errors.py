@@ -88,3 +88,9 @@ def test_non_positive_prefill_chunk(tmp_path, hf_dir):
 def test_gguf_quantization_of_a_hugging_face_directory(tmp_path, hf_dir):
     """``gguf`` keeps a GGUF file's blocks; a safetensors directory has none."""
     _compile_fails(hf_dir, tmp_path, "--quantization", "gguf", expect=("is not a GGUF file", "q4f32_1"))
+
+
+def test_integer_activations_without_gguf_blocks(tmp_path, hf_dir):
+    """Integer activations run only in the kernels of llama.cpp's block layouts."""
+    _compile_fails(hf_dir, tmp_path, "--activations", "int8", expect=("int8 activations need the gguf quantization",
+                                                                      "q4f32_1", "--activations"))

@@ -8,7 +8,7 @@ import torch
 
 from family_checks import (BATCH_TOLERANCE, CONTINUATION, PROMPT, TOLERANCE, batch_vs_single_errors,
                            prefill_and_decode_errors)
-from gguf_support import TYPES, write_tiny_gguf
+from gguf_support import TYPES, rounded_activations, write_tiny_gguf
 from relaxlm import frontends, targets
 from relaxlm.compiler import compile as compile_module
 from relaxlm.compiler import compile_model
@@ -19,21 +19,46 @@ from support import TinyModel
 
 # One weight requantized to 8-bit groups: the bound tests/passes/test_quantized_llama.py holds q8f32_1 to.
 Q8_BOUND = 0.02
+# Decode's activations rounded to int16 (the default): measured 1.4e-4 on this model.
+INT16_BOUND = 5e-4
+# One value rounded to the other side at 8 bits: measured 3.7e-3 (against 3e-2 for the rounding itself).
+ROUNDING_STEP_BOUND = 0.01
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tiny_gguf_file, tmp_path_factory) -> TinyModel:
+def gguf_reference(tiny_gguf_file):
     from transformers import AutoModelForCausalLM
 
-    reference = AutoModelForCausalLM.from_pretrained(str(tiny_gguf_file.parent), gguf_file=tiny_gguf_file.name,
-                                                     dtype=torch.float32).eval()
-    artifact = compile_model(tiny_gguf_file, target="llvm", output=tmp_path_factory.mktemp("tiny_gguf") / "artifact")
-    return TinyModel("tiny-gguf", reference, tiny_gguf_file, artifact)
+    return AutoModelForCausalLM.from_pretrained(str(tiny_gguf_file.parent), gguf_file=tiny_gguf_file.name,
+                                                dtype=torch.float32).eval()
 
 
-def test_a_gguf_compiles_at_its_own_blocks_by_default(tiny_gguf):
-    manifest = Manifest.read(tiny_gguf.artifact)
+@pytest.fixture(scope="module")
+def tiny_gguf_at(tiny_gguf_file, gguf_reference, tmp_path_factory):
+    """The tiny GGUF compiled for llvm at its own blocks, with ``activations`` (None: the default), once each."""
+    compiled: dict[str | None, TinyModel] = {}
+
+    def get(activations: str | None) -> TinyModel:
+        if activations not in compiled:
+            output = tmp_path_factory.mktemp("tiny_gguf") / "artifact"
+            artifact = compile_model(tiny_gguf_file, target="llvm", activations=activations, output=output)
+            compiled[activations] = TinyModel(f"tiny-gguf-{activations}", gguf_reference, tiny_gguf_file, artifact)
+        return compiled[activations]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_gguf_at) -> TinyModel:
+    """Float32 activations: the exact path."""
+    return tiny_gguf_at("float32")
+
+
+def test_a_gguf_compiles_at_its_own_blocks_by_default(tiny_gguf_at):
+    manifest = Manifest.read(tiny_gguf_at(None).artifact)
     assert manifest.quantization == "gguf" and manifest.calibration is None
+    # This CPU has integer dot products (AVX2 at least; tests/targets/test_integer_kernels.py).
+    assert manifest.activations == "int16"
     # One stored weight per run of parts of one type: blk.0's q and k (Q4_K) with v (Q6_K) → 2.
     assert {p.rsplit(".parts.", 1)[0] for p in manifest.params if ".parts.1." in p} == {
         "model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"}
@@ -43,6 +68,26 @@ def test_a_gguf_compiles_at_its_own_blocks_by_default(tiny_gguf):
 def test_prefill_and_decode_match_transformers(tiny_gguf):
     errors = prefill_and_decode_errors(tiny_gguf)
     assert max(errors) < TOLERANCE, errors
+
+
+def test_int16_activations_the_default_stay_within_their_rounding(tiny_gguf_at):
+    """Decode rounds its projections' inputs to 16 bits per 32 values (~2.6e-5 of a kernel's largest
+    output); through this random model's 2 layers the logits move by ~1.4e-4."""
+    errors = prefill_and_decode_errors(tiny_gguf_at(None))
+    assert max(errors) < INT16_BOUND, errors
+
+
+def test_int8_activations_compute_what_transformers_computes_rounding_alike(tiny_gguf_at):
+    """At 8 bits (llama.cpp's rounding) the logits of this random model move by up to ~3%; against
+    transformers rounding the same inputs alike, most steps agree to float32's precision, and a step
+    where some value lies on a rounding boundary (float32's order of summation decides) by one
+    rounding step of it. tests/passes/test_real_gguf_native.py measures what rounding costs real weights."""
+    tiny = tiny_gguf_at("int8")
+    assert Manifest.read(tiny.artifact).activations == "int8"
+    with torch.no_grad(), rounded_activations(tiny.reference, 8, len(PROMPT)) as reference:
+        expected = reference(torch.tensor([PROMPT + CONTINUATION])).logits[0].float().numpy()
+    errors = prefill_and_decode_errors(tiny, expected=expected)
+    assert np.median(errors) < TOLERANCE and max(errors) < ROUNDING_STEP_BOUND, errors
 
 
 def test_batch_prefill_and_decode_agree_with_single_sequences(tiny_gguf):

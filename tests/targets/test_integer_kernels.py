@@ -1,0 +1,88 @@
+"""The decode kernels with integer activations (targets.cpu_integer) that BlockMatmul puts in place
+when asked, for every block layout, both widths (int8, int16) and every integer dot product this
+CPU can run. Reference: numpy on ``gguf.quants.dequantize``'s weights with the activations rounded
+as the kernel rounds them (then only float32 summation differs), and the exact product within the
+rounding's error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from tvm.target import Target
+
+from relaxlm.passes.gguf_blocks import LAYOUTS
+from relaxlm.targets import resolve
+from relaxlm.targets.cpu_integer import DOT_PRODUCTS, dot_product_for, has_integer_dots
+from relaxlm.targets.cpu_schedules import BlockMatmul
+from gguf_support import rounded
+from support import random_blocks
+from test_block_kernels import OUT, block_matmul
+from test_cpu_schedules import replacement_by, run
+
+IN = 512
+# An LLVM CPU with each dot product and no better one, and the cpuinfo flags running it needs.
+CPUS = {"avx512vnni": ("cascadelake", {"avx512_vnni", "avx512vl"}), "avxvnni": ("alderlake", {"avx_vnni"}),
+        "avx2": ("x86-64-v3", {"avx2"})}
+HOST_FLAGS = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+# The largest error of rounding x per 32 values, relative to the largest output: int8 costs ~0.5%
+# (llama.cpp's Q8 activations), int16 ~2e-5 (float32's own error here is ~1e-7).
+ROUNDING_BOUND = {8: 0.03, 16: 1e-4}
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("dot", sorted(CPUS))
+def test_integer_gemv_matches_rounded_activations(dot, bits, name, residual):
+    cpu, flags = CPUS[dot]
+    if not flags <= HOST_FLAGS:
+        pytest.skip(f"this CPU cannot run {dot} code (needs {', '.join(sorted(flags))})")
+    target = Target({"kind": "llvm", "mcpu": cpu})
+    layout = LAYOUTS[name]
+    chosen = dot_product_for(target, layout, bits)
+    func = block_matmul(layout, 1, residual, IN)
+    if chosen is None:
+        # vpmaddubsw's int16 pairs would overflow on Q8_0's codes: the float kernel stays.
+        assert (dot, bits, name) == ("avx2", 8, "Q8_0")
+        assert "llvm.x86" not in replacement_by(BlockMatmul(bits), func, target, "gemv").script()
+        return
+    assert chosen.name == dot
+    replacement = replacement_by(BlockMatmul(bits), func, target, "gemv")
+    assert "llvm.x86" in replacement.script()
+    raw = random_blocks(layout, OUT, IN, seed=4)
+    parts = layout.split(raw)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 1, IN), dtype="float32")
+    args = [parts[c.name] for c in layout.components] + [x]
+    args += [rng.standard_normal((1, 1, OUT), dtype="float32")] * residual
+    actual = run(replacement, target, args, (1, 1, OUT))
+    weights = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name]).astype(np.float64)
+    added = args[-1] if residual else 0
+    # The kernel: scale * dx * sum(qx * code) + offset * sum(dx * qx), the rounded x times the weights.
+    expected = rounded(x, bits) @ weights.T + added
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    exact = x.astype(np.float64) @ weights.T + added
+    assert np.abs(actual - exact).max() < ROUNDING_BOUND[bits] * np.abs(exact).max()
+
+
+def test_integer_activations_only_when_asked_and_only_for_one_row():
+    target = resolve("llvm").target
+    func = block_matmul(LAYOUTS["Q4_0"], 1, False, IN)
+    assert "llvm.x86" not in replacement_by(BlockMatmul(), func, target, "gemv").script()
+    if has_integer_dots(target):
+        assert "llvm.x86" in replacement_by(BlockMatmul(8), func, target, "gemv").script()
+    from tvm import tirx
+    prefill = block_matmul(LAYOUTS["Q4_0"], tirx.Var("seq_len", "int64"), False, IN)
+    assert "llvm.x86" not in replacement_by(BlockMatmul(8), prefill, target, "gemm").script()
+
+
+def test_dot_products_by_cpu():
+    """What each CPU gets: the best dot product it has; none below AVX2 or off the CPU."""
+    q4 = LAYOUTS["Q4_0"]
+    assert [dot_product_for(Target({"kind": "llvm", "mcpu": CPUS[d][0]}), q4).name for d in CPUS] == list(CPUS)
+    assert dot_product_for(Target({"kind": "llvm", "mcpu": "x86-64-v2"}), q4) is None
+    assert not has_integer_dots(Target({"kind": "llvm", "mcpu": "x86-64-v2"}))
+    assert [d.name for d in DOT_PRODUCTS] == list(CPUS)
