@@ -114,7 +114,7 @@ def main():
               help="Weigh 4-bit quantization by activation statistics of a float32 build on self-generated "
                    "text (default: on at 4 bits up to 1B parameters; adds a float32 build and a few minutes).")
 @click.option("--activations", type=click.Choice(["int16", "int8", "float32"]), default=None,
-              help="What decode multiplies the weights with: int16 or int8 (rounded per 32 values for integer dot "
+              help="What the projections multiply the weights with: int16 or int8 (rounded per 32 values for integer dot "
                    "products; int16 within 3e-5 of float, int8 as llama.cpp rounds them) or float32 (exact). "
                    "Default: int16 for a GGUF's own blocks on a CPU with AVX2, else float32.")
 @reports_errors

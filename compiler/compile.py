@@ -41,7 +41,7 @@ TVM_NOISE = ("Fast mode segfaults when there are out-of-bounds indices",)
 GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 # What ``activations`` may be: rounded per 32 values to integers for integer dot products (int16:
 # ~3e-5 of a projection's largest output off; int8: llama.cpp's arithmetic, ~0.7% off, perplexity
-# within 0.12% on the bundled models), or float32 (exact).
+# +0.72% on SmolLM2), or float32 (exact).
 ACTIVATIONS = ("int16", "int8", "float32")
 
 
@@ -89,7 +89,7 @@ class _Request:
     debug_dump: Path | None = None
     # None: decide by the scheme and the model's size (see _should_calibrate).
     calibrate: bool | None = False
-    # What the decode projections round their activations to: float32, int16 or int8 (_activations).
+    # What the block-layout projections round their activations to: float32, int16 or int8 (_activations).
     activations: str = "float32"
 
 
@@ -162,7 +162,7 @@ def compile_model(model: str | os.PathLike, target: str = "auto", quantization: 
         elif chosen is None:
             report.say(f"quantization: {scheme.name}")
         if request.activations != "float32":
-            report.say(f"activations: {request.activations} for the decode projections' integer dot products"
+            report.say(f"activations: {request.activations} for the projections' integer dot products"
                        + (", as llama.cpp rounds them" if request.activations == "int8" else "")
                        + " (--activations float32 for float)")
         report.record("read", time.perf_counter() - start)

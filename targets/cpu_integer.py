@@ -1,16 +1,19 @@
-"""Decode projections with integer activations and integer dot products.
+"""Projections of llama.cpp's block layouts with integer activations and integer dot products:
+:func:`block_gemv_integer_cpu` (decode: one activation row) and :func:`block_gemm_integer_cpu`
+(prefill: several).
 
-The float kernels of :mod:`.cpu_kernels` convert every 4-bit code to float32 and multiply: about
-five vector instructions per eight weights, so a decode step is bound by the core, not by the
-memory the weights stream from. Here the activation row is rounded once per call to integers of
-``bits`` with a float scale per :data:`X_BLOCK` values (``qx = round(x / dx)``, ``dx = max|x| /
-(2^(bits-1) - 1)``), and each run of 32 codes (16 for Q6_K, whose scales cover 16) meets its
-activations in one or two integer dot-product instructions:
+The float kernels of :mod:`.cpu_kernels` convert every code to float32 and multiply: about five
+vector instructions per eight weights, so decode is bound by the core, not by the memory the
+weights stream from, and prefill by float32 FMAs. Here each activation row is rounded once per
+call to integers of ``bits`` with a float scale per :data:`X_BLOCK` values (``qx = round(x /
+dx)``, ``dx = max|x| / (2^(bits-1) - 1)``), and each run of 32 codes (16 for Q6_K, whose scales
+cover 16) meets its activations in integer dot-product instructions (4 products per int32 lane
+at 8 bits, 2 at 16):
 
 - int16 (``vpdpwssd`` with VNNI, ``vpmaddwd`` on AVX2): ~3e-5 of the largest output off (the
   bundled models' perplexity unchanged to 5 digits); the CPU default.
 - int8 (``vpdpbusd``, or ``vpmaddubsw`` + ``vpmaddwd``): llama.cpp's Q8 activations, ~0.7% of the
-  largest output off (the bundled models' perplexity within 0.12%), a little faster still.
+  largest output off (SmolLM2's perplexity +0.72%), faster still.
 
 The instructions take unsigned codes, so a layout's codes enter as ``code - code_min`` (0 ..
 2^bits - 1); the accumulator starts from ``code_min * (the run's sum of qx)``, computed once per
@@ -24,6 +27,7 @@ that is, the rounded ``x`` times the weights: the rounding of ``x`` is the only 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
@@ -32,7 +36,8 @@ from tvm.target import Target, codegen
 
 from relaxlm.passes.gguf_blocks import BlockLayout
 
-from .cpu_kernels import _GEMV_ROWS_PER_TASK, _PREFETCH_ROWS, _components, _prefetch_row, largest_divisor
+from .cpu_kernels import (_GEMV_ROWS_PER_TASK, _PREFETCH_ROWS, _components, _prefetch_row, gemm_block_rows,
+                          gemm_k_chunk, largest_divisor)
 
 # Activations per scale (llama.cpp's Q8_0 block).
 X_BLOCK = 32
@@ -52,6 +57,8 @@ class DotProduct:
     features: tuple[str, ...]
     # vpdpbusd / vpdpwssd (VNNI), else vpmaddubsw / vpmaddwd (AVX2).
     vnni: bool
+    # int32 lanes of the prefill kernel's vectors: 16 with AVX-512's 32 registers, else 8.
+    gemm_lanes: int = 8
 
     def saturates_on(self, layout: BlockLayout, bits: int) -> bool:
         """Whether int8 products could overflow vpmaddubsw's int16 pairs (2 * 255 * 127 for
@@ -59,26 +66,29 @@ class DotProduct:
         return bits == 8 and not self.vnni and 2 * (2 ** layout.code_bits - 1) * 127 > 32767
 
     def __call__(self, acc, codes, qx, column, run: int, bits: int):
-        """``acc`` plus codes ``0 .. run`` (bytes) times ``qx[column:]`` (int``bits``)."""
-        lanes = run // 4
-        width = {8: "256", 4: "128"}[lanes]
+        """``acc`` plus codes ``0 .. run`` (bytes) times ``qx[column:]`` (int``bits``): a run of a
+        row's weights (decode's lanes are columns)."""
         if bits == 8:
-            c, q = codes.vload([0], f"uint8x{run}"), qx.vload([column], f"int8x{run}")
-            if self.vnni:
-                return tirx.call_llvm_pure_intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{width}", acc, c, q)
-            pairs = {8: "llvm.x86.avx2.pmadd.ub.sw", 4: "llvm.x86.ssse3.pmadd.ub.sw.128"}[lanes]
-            return acc + _pairs_to_words(tirx.call_llvm_pure_intrin(f"int16x{run // 2}", pairs, c, q),
-                                         tirx.Broadcast(tirx.const(1, "int16"), run // 2), lanes)
-        # int16: each half of the run's codes widened to words.
-        half = run // 2
+            return self.multiply(acc, codes.vload([0], f"uint8x{run}"), qx.vload([column], f"int8x{run}"), 8, run // 4)
+        half = run // 2  # int16: each half of the run's codes widened to words
         for h in range(2):
             c = tirx.Cast(f"int16x{half}", codes.vload([h * half], f"uint8x{half}"))
-            q = qx.vload([column + h * half], f"int16x{half}")
-            if self.vnni:
-                acc = tirx.call_llvm_pure_intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpwssd.{width}", acc, c, q)
-            else:
-                acc = acc + _pairs_to_words(c, q, lanes)
+            acc = self.multiply(acc, c, qx.vload([column + h * half], f"int16x{half}"), 16, run // 4)
         return acc
+
+    def multiply(self, acc, codes, x, bits: int, lanes: int):
+        """``acc`` (``lanes`` int32) plus, per lane, the sum of its ``32 // bits`` products of
+        ``codes`` (uint8 for 8 bits, int16 for 16; 0 .. 255) and ``x`` (int``bits``)."""
+        width = {16: "512", 8: "256", 4: "128"}[lanes]
+        if bits == 8 and self.vnni:
+            return tirx.call_llvm_pure_intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{width}", acc, codes, x)
+        if bits == 8:
+            pairs = {8: "llvm.x86.avx2.pmadd.ub.sw", 4: "llvm.x86.ssse3.pmadd.ub.sw.128"}[lanes]
+            return acc + _pairs_to_words(tirx.call_llvm_pure_intrin(f"int16x{2 * lanes}", pairs, codes, x),
+                                         tirx.Broadcast(tirx.const(1, "int16"), 2 * lanes), lanes)
+        if self.vnni:
+            return tirx.call_llvm_pure_intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpwssd.{width}", acc, codes, x)
+        return acc + _pairs_to_words(codes, x, lanes)
 
 
 def _pairs_to_words(a, b, lanes: int):
@@ -89,7 +99,7 @@ def _pairs_to_words(a, b, lanes: int):
 
 # Best first: AVX-512 VNNI (with its 256-bit forms), AVX-VNNI (Alder Lake and later), AVX2.
 DOT_PRODUCTS = (
-    DotProduct("avx512vnni", ("avx512vnni", "avx512vl"), vnni=True),
+    DotProduct("avx512vnni", ("avx512vnni", "avx512vl"), vnni=True, gemm_lanes=16),
     DotProduct("avxvnni", ("avxvnni",), vnni=True),
     DotProduct("avx2", ("avx2",), vnni=False),
 )
@@ -103,6 +113,16 @@ def dot_product_for(target: Target, layout: BlockLayout, bits: int = 8) -> DotPr
     for dot in DOT_PRODUCTS:
         if all(codegen.target_has_features(f, target) for f in dot.features):
             return None if dot.saturates_on(layout, bits) else dot
+    return None
+
+
+def integer_kernel_for(target: Target, layout: BlockLayout, bits: int) -> tuple[DotProduct, int] | None:
+    """The dot product and activation width for ``layout`` when ``bits`` are asked: ``bits``, or
+    16 where 8-bit products could overflow (Q8_0 on AVX2); None without integer dot products."""
+    for width in (bits, 16) if bits == 8 else (bits,):
+        dot = dot_product_for(target, layout, width)
+        if dot is not None:
+            return dot, width
     return None
 
 
@@ -196,6 +216,180 @@ def _one_run(layout, dot, weight, j, b, s, e0: int, run: int, codes, qx, dx, sta
                     * tirx.Broadcast(factor, lanes), [here])
 
 
+# Activation rows per tile of the prefill kernel, by its vectors' lanes: as many int and float
+# accumulators, the codes and a broadcast activation word stay within AVX2's 16 vector registers
+# (8 lanes) or AVX-512's 32 (16 lanes).
+_TILE_ROWS = {8: 4, 16: 8}
+
+
+# pylint: disable=too-many-locals,too-many-arguments,too-many-statements
+def block_gemm_integer_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tuple], residual: bool,
+                           dot: DotProduct, bits: int = 8):
+    """``out ~= x . w^T (+ residual)`` for any number of activation rows (prefill), activations
+    rounded as in :func:`block_gemv_integer_cpu`; the parameters of ``block_gemm_cpu``.
+
+    Here a vector's lanes are weight rows (``DotProduct.gemm_lanes``: 8 or 16), not columns, so
+    that nothing is summed across lanes:
+    each task stages its block of weight rows, a pass of columns at a time, as unsigned codes
+    interleaved by ``32 // bits`` columns (one int32 word per row and lane) with their scales
+    (and offsets) per run; then for tiles of :data:`_TILE_ROWS` activation rows, each word of
+    an activation row is broadcast to all lanes and one dot-product instruction adds its
+    products with a vector of rows' codes. A run's int32 sums are scaled into float accumulators
+    (the rows' scales times the activation's ``dx``) and written to a vector of outputs at once."""
+    x_shape, out_shape = shapes[0], shapes[1]
+    rows = functools.reduce(lambda a, b: a * b, x_shape[:-1])
+    run, span = _run_of(layout), 32 // bits
+    assert layout.offset is None or layout.sub == run
+    block, chunk = gemm_block_rows(n), gemm_k_chunk(k, layout.block)
+    runs, code_dtype = chunk // run, {8: "uint8", 16: "int16"}[bits]
+    lanes = dot.gemm_lanes
+    tile_rows = _TILE_ROWS[lanes]
+    with IRBuilder() as builder:
+        with IB.prim_func(s_tir=True):
+            IB.func_name("block_gemm_integer")
+            IB.func_attr({"tirx.noalias": True})
+            x = IB.arg("x", IB.buffer(x_shape, "float32"))
+            weight = {c.name: IB.arg(c.name, IB.buffer(shape, c.dtype))
+                      for c, (_, shape, _) in zip(layout.components, _components(layout, n, k))}
+            added = IB.arg("residual", IB.buffer(out_shape, "float32"))  # as in _dequantized_gemm
+            out = IB.arg("out", IB.buffer(out_shape, "float32"))
+            x_rows = IB.decl_buffer((rows * k,), "float32", data=x.data)
+            out_rows = IB.decl_buffer((rows * n,), "float32", data=out.data)
+            added_rows = IB.decl_buffer((rows * n,), "float32", data=added.data) if residual else None
+            rounded = _rounded_rows(x_rows, rows, k, run, bits)
+            with IB.parallel(0, n // block) as task:
+                with IB.sblock("gemm"):
+                    IB.reads([x_rows[0:rows * k], *(w[0:w.shape[0], 0:w.shape[1]] for w in weight.values()),
+                              *(r[0:r.shape[0]] for r in rounded),
+                              *([added_rows[0:rows * n]] if residual else [])])
+                    IB.writes([out_rows[0:rows * n]])
+                    codes = IB.sblock_alloc_buffer((chunk * block,), code_dtype)
+                    piece = IB.sblock_alloc_buffer((_PIECE,), code_dtype)
+                    scales = IB.sblock_alloc_buffer((runs * block,), "float32")
+                    offsets = IB.sblock_alloc_buffer((runs * block,), "float32") if layout.offset else None
+                    int_acc = IB.sblock_alloc_buffer((tile_rows * lanes,), "int32")
+                    acc = IB.sblock_alloc_buffer((tile_rows * lanes,), "float32")
+                    j0 = task * block
+                    with IB.serial(0, k // chunk) as pass_:
+                        _stage_weights(layout, weight, j0, block, pass_ * chunk, chunk, span, codes, piece, scales,
+                                       offsets)
+                        tile = functools.partial(_gemm_tile, layout, dot, bits, lanes, k, n, chunk, run, span, pass_,
+                                                 codes, scales, offsets, rounded, int_acc, acc, block, j0,
+                                                 out_rows, added_rows)
+                        with IB.serial(0, block // lanes) as g:
+                            with IB.serial(0, rows // tile_rows) as t:
+                                tile(g, t * tile_rows, tile_rows)
+                            with IB.serial(rows // tile_rows * tile_rows, rows) as m:
+                                tile(g, m, 1)
+    return builder.get()
+
+
+def _store(buffer, at, vector, lanes: int) -> None:
+    """Store ``vector`` (of ``lanes``) at ``buffer[at:]``."""
+    IB.buffer_store(buffer, vector, [tirx.Ramp(at, 1, lanes)])
+
+
+def _rounded_rows(x_rows, rows, k: int, run: int, bits: int):
+    """Every activation row rounded once per call, rows in parallel: ``qx``, ``dx`` per
+    :data:`X_BLOCK`, and per run ``sum(qx)`` (int32) and ``sum(qx * dx)`` (float32)."""
+    top = float(2 ** (bits - 1) - 1)
+    qx = IB.alloc_buffer((rows * k,), f"int{bits}")
+    dx = IB.alloc_buffer((rows * (k // X_BLOCK),), "float32")
+    qx_sums = IB.alloc_buffer((rows * (k // run),), "int32")
+    x_sums = IB.alloc_buffer((rows * (k // run),), "float32")
+    with IB.parallel(0, rows) as m:
+        with IB.sblock("round"):
+            IB.reads([x_rows[m * k:(m + 1) * k]])
+            IB.writes([qx[m * k:(m + 1) * k], dx[m * (k // X_BLOCK):(m + 1) * (k // X_BLOCK)],
+                       qx_sums[m * (k // run):(m + 1) * (k // run)], x_sums[m * (k // run):(m + 1) * (k // run)]])
+            largest = IB.sblock_alloc_buffer((1,), "float32")
+            total = IB.sblock_alloc_buffer((1,), "int32")
+            with IB.serial(0, k // X_BLOCK) as g:
+                base = m * k + g * X_BLOCK
+                IB.buffer_store(largest, 0.0, [0])
+                with IB.serial(0, X_BLOCK) as i:
+                    IB.buffer_store(largest, tirx.max(largest[0], tirx.abs(x_rows[base + i])), [0])
+                IB.buffer_store(dx, largest[0] / top, [m * (k // X_BLOCK) + g])
+                inverse = tirx.if_then_else(largest[0] > 0.0, top / largest[0], tirx.const(0.0, "float32"))
+                with IB.vectorized(0, X_BLOCK) as i:
+                    IB.buffer_store(qx, tirx.round(x_rows[base + i] * inverse).astype(f"int{bits}"), [base + i])
+                for u in range(X_BLOCK // run):
+                    IB.buffer_store(total, 0, [0])
+                    with IB.serial(0, run) as i:
+                        IB.buffer_store(total, total[0] + qx[base + u * run + i].astype("int32"), [0])
+                    at = m * (k // run) + (g * X_BLOCK + u * run) // run
+                    IB.buffer_store(qx_sums, total[0], [at])
+                    IB.buffer_store(x_sums, total[0].astype("float32") * dx[m * (k // X_BLOCK) + g], [at])
+    return qx, dx, qx_sums, x_sums
+
+
+def _stage_weights(layout, weight, j0, block: int, k0, chunk: int, span: int, codes, piece, scales,
+                   offsets) -> None:
+    """The task's ``block`` weight rows from ``j0``, columns ``k0 .. k0 + chunk``: unsigned codes
+    at ``codes[((column // span) * block + row) * span + column % span]`` (a row's ``span``
+    columns in one int32 word, consecutive rows' words in one vector), and each run's scale and offset at
+    ``[run * block + row]``. Codes are made :data:`_PIECE` at a time along the row (contiguous
+    loads, constant shifts) in ``piece``, then stored a word at a time."""
+    words = IB.decl_buffer((chunk * block // span,), "int32", data=codes.data)
+    piece_words = IB.decl_buffer((_PIECE // span,), "int32", data=piece.data)
+    run = _run_of(layout)
+    with IB.grid(block, chunk // layout.block) as (jj, b):
+        kb, j = k0 // layout.block + b, j0 + jj
+        for p in range(layout.block // _PIECE):
+            with IB.vectorized(0, _PIECE) as lane:
+                code = layout.code(weight, j, kb, p * _PIECE + lane) - layout.code_min
+                IB.buffer_store(piece, code.astype(piece.dtype), [lane])
+            for w in range(_PIECE // span):
+                at = (b * layout.block + p * _PIECE) // span * block + w * block + jj
+                IB.buffer_store(words, piece_words[w], [at])
+        for s in range(layout.block // layout.sub):
+            for u in range(layout.sub // run):
+                at = (b * layout.block + s * layout.sub + u * run) // run * block + jj
+                IB.buffer_store(scales, layout.scale(weight, j, kb, s), [at])
+                if offsets is not None:
+                    IB.buffer_store(offsets, layout.offset(weight, j, kb, s), [at])
+
+
+def _gemm_tile(layout, dot, bits: int, lanes: int, k: int, n: int, chunk: int, run: int, span: int, pass_, codes,
+               scales, offsets, rounded, int_acc, acc, block: int, j0, out_rows, added_rows, g, first,
+               count: int) -> None:
+    """Outputs of activation rows ``first ..`` (``count``) for weight rows ``j0 + lanes * g ..`` over the
+    columns of pass ``pass_``: the first pass starts from the residual (or 0), the others from ``out``."""
+    qx, dx, qx_sums, x_sums = rounded
+    words = IB.decl_buffer((qx.shape[0] // span,), "int32", data=qx.data)
+    code_vector = f"{codes.dtype}x{lanes * span}"
+    x_vector = f"int{bits}x{lanes * span}"
+    for r in range(count):
+        index = (first + r) * n + j0 + g * lanes
+        start = (added_rows.vload([index], f"float32x{lanes}") if added_rows is not None
+                 else tirx.Broadcast(tirx.const(0.0, "float32"), lanes))
+        previous = tirx.Select(tirx.Broadcast(pass_ == 0, lanes), start, out_rows.vload([index], f"float32x{lanes}"))
+        _store(acc, r * lanes, previous, lanes)
+    with IB.serial(0, chunk // run) as u:
+        column = pass_ * chunk + u * run
+        for r in range(count):
+            at = (first + r) * (k // run) + column // run
+            _store(int_acc, r * lanes, tirx.Broadcast(qx_sums[at] * layout.code_min, lanes), lanes)
+        for w in range(run // span):
+            weights = codes.vload([((u * run // span + w) * block + g * lanes) * span], code_vector)
+            for r in range(count):
+                word = tirx.Broadcast(words[((first + r) * k + column) // span + w], lanes)
+                here = int_acc.vload([r * lanes], f"int32x{lanes}")
+                summed = dot.multiply(here, weights, tirx.reinterpret(x_vector, word), bits, lanes)
+                _store(int_acc, r * lanes, summed, lanes)
+        scale = scales.vload([u * block + g * lanes], f"float32x{lanes}")
+        offset = offsets.vload([u * block + g * lanes], f"float32x{lanes}") if offsets is not None else None
+        for r in range(count):
+            factor = scale * tirx.Broadcast(dx[(first + r) * (k // X_BLOCK) + column // X_BLOCK], lanes)
+            total = (acc.vload([r * lanes], f"float32x{lanes}")
+                     + tirx.Cast(f"float32x{lanes}", int_acc.vload([r * lanes], f"int32x{lanes}")) * factor)
+            if offset is not None:
+                total = total + offset * tirx.Broadcast(x_sums[(first + r) * (k // run) + column // run], lanes)
+            _store(acc, r * lanes, total, lanes)
+    for r in range(count):
+        _store(out_rows, (first + r) * n + j0 + g * lanes, acc.vload([r * lanes], f"float32x{lanes}"), lanes)
+
+
 def _quantized_activations(x_row, k: int, bias: int, bits: int):
     """``qx`` (int``bits``), ``dx`` (one float per :data:`X_BLOCK`) and, per 4 values,
     ``-bias * sum(qx)`` (int32: where each dot's accumulator starts), once per call."""
@@ -237,5 +431,6 @@ def has_integer_dots(target: Target) -> bool:
         all(codegen.target_has_features(f, target) for f in dot.features) for dot in DOT_PRODUCTS)
 
 
-__all__ = ["ACTIVATION_BITS", "DOT_PRODUCTS", "DotProduct", "X_BLOCK", "block_gemv_integer_cpu", "dot_product_for",
-           "has_integer_dots", "integer_gemv_supports"]
+__all__ = ["ACTIVATION_BITS", "DOT_PRODUCTS", "DotProduct", "X_BLOCK", "block_gemm_integer_cpu",
+           "block_gemv_integer_cpu", "dot_product_for", "has_integer_dots", "integer_gemv_supports",
+           "integer_kernel_for"]

@@ -9,7 +9,7 @@ output rows (strided gathers) while compiling slowly. The rules, most specific f
   (prefill), which unpack the codes in registers and apply each group's scale once per block.
 - :class:`BlockMatmul`: projections with weights in llama.cpp's block layouts (the ``gguf``
   scheme) become ``block_gemv_cpu`` or ``block_gemm_cpu``, generated from the layout; with integer
-  activations the decode ones become ``cpu_integer.block_gemv_integer_cpu``.
+  activations they become ``cpu_integer.block_gemv_integer_cpu`` / ``block_gemm_integer_cpu``.
 - :class:`NTMatmul`: the other projections — ``C[..., j] (+)= sum_k A[..., k] * W[j, k]`` after
   ``FuseTransposeMatmul``, weights ``[out, in]`` — as row-wise dot products: the reduction is
   split, the inner part ``rfactor``-ed into a small accumulator vectorised along ``k``, blocks of
@@ -33,7 +33,8 @@ from .cpu_attention import KEY_TILE, decode_attention_cpu, paged_prefill_attenti
 from relaxlm.passes.gguf_blocks import LAYOUTS
 from relaxlm.passes.gguf_quantization import LAYOUT_ATTR
 
-from .cpu_integer import ACTIVATION_BITS, block_gemv_integer_cpu, dot_product_for, integer_gemv_supports
+from .cpu_integer import (ACTIVATION_BITS, block_gemm_integer_cpu, block_gemv_integer_cpu, integer_gemv_supports,
+                          integer_kernel_for)
 from .cpu_kernels import (F32_LANES, GEMV_BLOCK, GROUP_MATMUL_PARAMS, PACKED_LANES, block_gemm_cpu, block_gemv_cpu,
                           gemm_block_rows, group_gemm_cpu, group_gemv_cpu, largest_divisor, split_qkv_cpu)
 
@@ -332,8 +333,9 @@ class BlockMatmul(CPUScheduleRule):
     ``dequantize`` block annotated with its layout, fused in front of the NT matmul, optionally
     ``+ residual``) become :func:`block_gemv_cpu` (one activation row) or :func:`block_gemm_cpu`
     (several), with the replaced kernel's parameters; other shapes are left to :class:`NTMatmul`.
-    With ``activation_bits`` (8 or 16), one row goes to :func:`block_gemv_integer_cpu` where the
-    CPU has an integer dot product that cannot overflow on the layout's codes."""
+    With ``activation_bits`` (8 or 16) they become :func:`block_gemv_integer_cpu` /
+    :func:`block_gemm_integer_cpu` where the CPU has an integer dot product (at 16 bits where 8
+    could overflow on the layout's codes: ``integer_kernel_for``)."""
 
     def __init__(self, activation_bits: int | None = None):
         super().__init__()
@@ -350,12 +352,15 @@ class BlockMatmul(CPUScheduleRule):
         n, k = int(buffers["out"].shape[-1]), int(buffers["x"].shape[-1])
         shapes = [tuple(buffers[r].shape) for r in ("x", "out")]
         residual = "residual" in buffers
-        bits = self.activation_bits
-        dot = dot_product_for(target, layout, bits) if bits and integer_gemv_supports(layout, k) else None
+        integer = (integer_kernel_for(target, layout, self.activation_bits)
+                   if self.activation_bits and integer_gemv_supports(layout, k) else None)
+        dot, bits = integer or (None, None)
         if _one_row(buffers["x"]) and dot is not None:
             kernel = block_gemv_integer_cpu(layout, n, k, shapes, residual, dot, bits)
         elif _one_row(buffers["x"]):
             kernel = block_gemv_cpu(layout, n, k, shapes, residual)
+        elif gemm_block_rows(n) is not None and dot is not None:
+            kernel = block_gemm_integer_cpu(layout, n, k, shapes, residual, dot, bits)
         elif gemm_block_rows(n) is not None:
             kernel = block_gemm_cpu(layout, n, k, shapes, residual)
         else:
@@ -474,7 +479,7 @@ class SplitQKV(CPUScheduleRule):
 
 def cpu_rules(activations: str = "float32") -> list:
     """The dlight rules for the ``llvm`` target, most specific first; ``activations`` (int8,
-    int16, float32): what the decode projections of block layouts round their activations to
+    int16, float32): what the projections of block layouts round their activations to
     (``cpu_integer``)."""
     return [GroupMatmul(), BlockMatmul(ACTIVATION_BITS.get(activations)), NTMatmul(), DecodeAttention(),
             SlidingDecodeAttention(), RaggedPrefillAttention(), PagedPrefillAttention(), SplitQKV(), Injective()]

@@ -14,7 +14,7 @@ import torch
 
 from relaxlm import targets
 from relaxlm.passes.gguf_blocks import LAYOUTS
-from relaxlm.targets.cpu_integer import X_BLOCK, dot_product_for
+from relaxlm.targets.cpu_integer import X_BLOCK, integer_kernel_for
 from support import float16_views, random_blocks
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 256, 512, 2, 4, 2
@@ -102,7 +102,7 @@ def write_tiny_gguf(path: Path, types: dict[str, str] | None = None) -> Path:
 
 
 def rounded(x: np.ndarray, bits: int) -> np.ndarray:
-    """``x`` as ``cpu_integer`` rounds decode's activations: integers of ``bits`` times a float32
+    """``x`` as ``cpu_integer`` rounds activations: integers of ``bits`` times a float32
     scale per :data:`X_BLOCK` values (in float64)."""
     top = np.float32(2 ** (bits - 1) - 1)
     blocks = x.reshape(-1, X_BLOCK)
@@ -112,28 +112,27 @@ def rounded(x: np.ndarray, bits: int) -> np.ndarray:
     return (codes * (largest / top).astype(np.float32)).reshape(x.shape).astype(np.float64)
 
 
-def _round_rows(_module, args, bits: int, first: int):
-    x = args[0].clone()
-    x[:, first:] = torch.from_numpy(rounded(x[:, first:].numpy(), bits)).float()
-    return (x,)
+def _round_rows(_module, args, bits: int):
+    return (torch.from_numpy(rounded(args[0].numpy(), bits)).float(),)
 
 
 @contextlib.contextmanager
-def rounded_activations(reference: torch.nn.Module, bits: int, prompt_len: int, types: dict[str, str] = TYPES):
-    """transformers' tiny GGUF model made to round the inputs of the projections this CPU's decode
-    kernels round (every layout with an integer dot product here), at the positions that relaxlm
-    computes one row at a time: every decoded token's, and the logits' of the prompt's last."""
+def rounded_activations(reference: torch.nn.Module, bits: int, types: dict[str, str] = TYPES):
+    """transformers' tiny GGUF model made to round the inputs of the projections that relaxlm's
+    kernels round on this CPU, to the width they round to (``integer_kernel_for``; the tiny
+    model's shapes all fit the integer kernels)."""
     target = targets.resolve("llvm").target
     hooks = []
     for name, ggml_type in types.items():
-        if name == "token_embd" or dot_product_for(target, LAYOUTS[ggml_type], bits) is None:
+        integer = integer_kernel_for(target, LAYOUTS[ggml_type], bits)
+        if name == "token_embd" or integer is None:
             continue
         if name == "output":
-            module, first = reference.lm_head, prompt_len - 1
+            module = reference.lm_head
         else:
             _, layer, kind = name.split(".")
-            module, first = reference.model.layers[int(layer)].get_submodule(HF_PROJECTIONS[kind]), prompt_len
-        hooks.append(module.register_forward_pre_hook(functools.partial(_round_rows, bits=bits, first=first)))
+            module = reference.model.layers[int(layer)].get_submodule(HF_PROJECTIONS[kind])
+        hooks.append(module.register_forward_pre_hook(functools.partial(_round_rows, bits=integer[1])))
     try:
         yield reference
     finally:

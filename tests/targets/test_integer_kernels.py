@@ -15,7 +15,7 @@ from tvm.target import Target
 
 from relaxlm.passes.gguf_blocks import LAYOUTS
 from relaxlm.targets import resolve
-from relaxlm.targets.cpu_integer import DOT_PRODUCTS, dot_product_for, has_integer_dots
+from relaxlm.targets.cpu_integer import DOT_PRODUCTS, dot_product_for, has_integer_dots, integer_kernel_for
 from relaxlm.targets.cpu_schedules import BlockMatmul
 from gguf_support import rounded
 from support import random_blocks
@@ -32,51 +32,69 @@ HOST_FLAGS = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuin
 ROUNDING_BOUND = {8: 0.03, 16: 1e-4}
 
 
+@pytest.mark.parametrize("rows", [1, 6], ids=["decode", "prefill"])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 @pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("dot", sorted(CPUS))
-def test_integer_gemv_matches_rounded_activations(dot, bits, name, residual):
+def test_integer_kernels_match_rounded_activations(dot, bits, name, residual, rows):
+    """One row (decode's kernel) and 6 (prefill's: a tile of 4 and 2 rows left over)."""
     cpu, flags = CPUS[dot]
     if not flags <= HOST_FLAGS:
         pytest.skip(f"this CPU cannot run {dot} code (needs {', '.join(sorted(flags))})")
     target = Target({"kind": "llvm", "mcpu": cpu})
     layout = LAYOUTS[name]
-    chosen = dot_product_for(target, layout, bits)
-    func = block_matmul(layout, 1, residual, IN)
-    if chosen is None:
-        # vpmaddubsw's int16 pairs would overflow on Q8_0's codes: the float kernel stays.
-        assert (dot, bits, name) == ("avx2", 8, "Q8_0")
-        assert "llvm.x86" not in replacement_by(BlockMatmul(bits), func, target, "gemv").script()
-        return
+    chosen, width = integer_kernel_for(target, layout, bits)
+    if dot_product_for(target, layout, bits) is None:
+        # vpmaddubsw's int16 pairs would overflow on Q8_0's codes: 16 bits instead.
+        assert (dot, bits, name, width) == ("avx2", 8, "Q8_0", 16)
+    else:
+        assert width == bits
     assert chosen.name == dot
-    replacement = replacement_by(BlockMatmul(bits), func, target, "gemv")
+    func = block_matmul(layout, rows, residual, IN)
+    replacement = replacement_by(BlockMatmul(bits), func, target, "gemv" if rows == 1 else "gemm")
     assert "llvm.x86" in replacement.script()
     raw = random_blocks(layout, OUT, IN, seed=4)
     parts = layout.split(raw)
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((1, 1, IN), dtype="float32")
+    x = rng.standard_normal((1, rows, IN), dtype="float32")
     args = [parts[c.name] for c in layout.components] + [x]
-    args += [rng.standard_normal((1, 1, OUT), dtype="float32")] * residual
-    actual = run(replacement, target, args, (1, 1, OUT))
+    args += [rng.standard_normal((1, rows, OUT), dtype="float32")] * residual
+    actual = run(replacement, target, args, (1, rows, OUT))
     weights = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name]).astype(np.float64)
     added = args[-1] if residual else 0
     # The kernel: scale * dx * sum(qx * code) + offset * sum(dx * qx), the rounded x times the weights.
-    expected = rounded(x, bits) @ weights.T + added
+    expected = rounded(x, width) @ weights.T + added
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
     exact = x.astype(np.float64) @ weights.T + added
-    assert np.abs(actual - exact).max() < ROUNDING_BOUND[bits] * np.abs(exact).max()
+    assert np.abs(actual - exact).max() < ROUNDING_BOUND[width] * np.abs(exact).max()
 
 
-def test_integer_activations_only_when_asked_and_only_for_one_row():
-    target = resolve("llvm").target
-    func = block_matmul(LAYOUTS["Q4_0"], 1, False, IN)
-    assert "llvm.x86" not in replacement_by(BlockMatmul(), func, target, "gemv").script()
-    if has_integer_dots(target):
-        assert "llvm.x86" in replacement_by(BlockMatmul(8), func, target, "gemv").script()
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0"])
+def test_integer_prefill_over_several_passes_of_k(name):
+    """k = 8192 goes in 4 passes of 2048 columns (cpu_kernels.gemm_k_chunk), each adding to ``out``."""
+    target, layout, k = resolve("llvm").target, LAYOUTS[name], 8192
+    if not has_integer_dots(target):
+        pytest.skip("this CPU has no integer dot products")
+    replacement = replacement_by(BlockMatmul(16), block_matmul(layout, 5, True, k), target, "gemm")
+    raw = random_blocks(layout, OUT, k, seed=6)
+    rng = np.random.default_rng(7)
+    x, added = rng.standard_normal((1, 5, k), dtype="float32"), rng.standard_normal((1, 5, OUT), dtype="float32")
+    actual = run(replacement, target, [layout.split(raw)[c.name] for c in layout.components] + [x, added], (1, 5, OUT))
+    weights = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name]).astype(np.float64)
+    expected = rounded(x, 16) @ weights.T + added
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_integer_activations_only_when_asked():
     from tvm import tirx
-    prefill = block_matmul(LAYOUTS["Q4_0"], tirx.Var("seq_len", "int64"), False, IN)
-    assert "llvm.x86" not in replacement_by(BlockMatmul(8), prefill, target, "gemm").script()
+
+    target = resolve("llvm").target
+    for rows, kernel in ((1, "gemv"), (tirx.Var("seq_len", "int64"), "gemm")):
+        func = block_matmul(LAYOUTS["Q4_0"], rows, False, IN)
+        assert "llvm.x86" not in replacement_by(BlockMatmul(), func, target, kernel).script()
+        if has_integer_dots(target):
+            assert "llvm.x86" in replacement_by(BlockMatmul(8), func, target, kernel).script()
 
 
 def test_dot_products_by_cpu():
