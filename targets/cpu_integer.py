@@ -36,7 +36,7 @@ from tvm.target import Target, codegen
 
 from relaxlm.passes.gguf_blocks import BlockLayout
 
-from .cpu_kernels import (_GEMV_ROWS_PER_TASK, _PREFETCH_ROWS, _components, _prefetch_row, gemm_block_rows,
+from .cpu_kernels import (_GEMV_ROWS_PER_TASK, _PREFETCH_ROWS, _prefetch_row, block_kernel_params, gemm_block_rows,
                           gemm_k_chunk, largest_divisor)
 
 # Activations per scale (llama.cpp's Q8_0 block).
@@ -145,7 +145,6 @@ def block_gemv_integer_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tup
     Runs go two at a time into two float accumulators (the FMA's latency), each run's codes built
     in 16-byte pieces with constant shifts (contiguous loads) as in the float kernel. Output rows
     go in parallel blocks; each row prefetches the one :data:`_PREFETCH_ROWS` ahead."""
-    x_shape, out_shape = shapes[0], shapes[1]
     run, blocks, subs = _run_of(layout), k // layout.block, layout.block // layout.sub
     lanes, runs_per_sub = run // 4, layout.sub // run
     # Blocks per loop step: enough for two runs, so that each run's accumulator is a constant.
@@ -153,16 +152,8 @@ def block_gemv_integer_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tup
     rows = largest_divisor(n, (_GEMV_ROWS_PER_TASK, 8, 4, 2, 1))
     with IRBuilder() as builder:
         with IB.prim_func(s_tir=True):
-            IB.func_name("block_gemv_integer")
-            IB.func_attr({"tirx.noalias": True})
-            x = IB.arg("x", IB.buffer(x_shape, "float32"))
-            weight = {c.name: IB.arg(c.name, IB.buffer(shape, c.dtype))
-                      for c, (_, shape, _) in zip(layout.components, _components(layout, n, k))}
-            added = IB.arg("residual", IB.buffer(out_shape, "float32"))  # as in _dequantized_gemm
-            out = IB.arg("out", IB.buffer(out_shape, "float32"))
-            x_row = IB.decl_buffer((k,), "float32", data=x.data)
-            out_row = IB.decl_buffer((n,), "float32", data=out.data)
-            added_row = IB.decl_buffer((n,), "float32", data=added.data) if residual else None
+            x_row, weight, out_row, added_row = block_kernel_params("block_gemv_integer", layout, n, k, shapes,
+                                                                    residual)
             qx, dx, start = _quantized_activations(x_row, k, -layout.code_min, bits)
             sums = _rounded_sums(qx, dx, k, layout.sub) if layout.offset is not None else None
             with IB.parallel(0, n // rows) as task:
@@ -236,8 +227,7 @@ def block_gemm_integer_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tup
     an activation row is broadcast to all lanes and one dot-product instruction adds its
     products with a vector of rows' codes. A run's int32 sums are scaled into float accumulators
     (the rows' scales times the activation's ``dx``) and written to a vector of outputs at once."""
-    x_shape, out_shape = shapes[0], shapes[1]
-    rows = functools.reduce(lambda a, b: a * b, x_shape[:-1])
+    rows = functools.reduce(lambda a, b: a * b, shapes[0][:-1])
     run, span = _run_of(layout), 32 // bits
     assert layout.offset is None or layout.sub == run
     block, chunk = gemm_block_rows(n), gemm_k_chunk(k, layout.block)
@@ -246,16 +236,8 @@ def block_gemm_integer_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tup
     tile_rows = _TILE_ROWS[lanes]
     with IRBuilder() as builder:
         with IB.prim_func(s_tir=True):
-            IB.func_name("block_gemm_integer")
-            IB.func_attr({"tirx.noalias": True})
-            x = IB.arg("x", IB.buffer(x_shape, "float32"))
-            weight = {c.name: IB.arg(c.name, IB.buffer(shape, c.dtype))
-                      for c, (_, shape, _) in zip(layout.components, _components(layout, n, k))}
-            added = IB.arg("residual", IB.buffer(out_shape, "float32"))  # as in _dequantized_gemm
-            out = IB.arg("out", IB.buffer(out_shape, "float32"))
-            x_rows = IB.decl_buffer((rows * k,), "float32", data=x.data)
-            out_rows = IB.decl_buffer((rows * n,), "float32", data=out.data)
-            added_rows = IB.decl_buffer((rows * n,), "float32", data=added.data) if residual else None
+            x_rows, weight, out_rows, added_rows = block_kernel_params("block_gemm_integer", layout, n, k, shapes,
+                                                                       residual, rows)
             rounded = _rounded_rows(x_rows, rows, k, run, bits)
             with IB.parallel(0, n // block) as task:
                 with IB.sblock("gemm"):

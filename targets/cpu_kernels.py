@@ -332,21 +332,11 @@ def block_gemv_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tuple], res
     ``x . w = sum scale * (x . code) + offset * sum(x)``, the sums of ``x`` per sub-block taken
     once per call for the layouts with an offset. Output rows go in parallel blocks; each row
     prefetches the one :data:`_PREFETCH_ROWS` ahead."""
-    x_shape, out_shape = shapes[0], shapes[1]
     blocks, subs, lanes = k // layout.block, layout.block // layout.sub, F32_LANES
     rows = largest_divisor(n, (_GEMV_ROWS_PER_TASK, 8, 4, 2, 1))
     with IRBuilder() as builder:
         with IB.prim_func(s_tir=True):
-            IB.func_name("block_gemv")
-            IB.func_attr({"tirx.noalias": True})
-            x = IB.arg("x", IB.buffer(x_shape, "float32"))
-            weight = {c.name: IB.arg(c.name, IB.buffer(shape, c.dtype))
-                      for c, (_, shape, _) in zip(layout.components, _components(layout, n, k))}
-            added = IB.arg("residual", IB.buffer(out_shape, "float32"))  # as in _dequantized_gemm
-            out = IB.arg("out", IB.buffer(out_shape, "float32"))
-            x_row = IB.decl_buffer((k,), "float32", data=x.data)
-            out_row = IB.decl_buffer((n,), "float32", data=out.data)
-            added_row = IB.decl_buffer((n,), "float32", data=added.data) if residual else None
+            x_row, weight, out_row, added_row = block_kernel_params("block_gemv", layout, n, k, shapes, residual)
             sums = _sub_block_sums(x_row, k, layout.sub) if layout.offset is not None else None
             with IB.parallel(0, n // rows) as task:
                 with IB.sblock("gemv"):
@@ -383,6 +373,24 @@ def block_gemv_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tuple], res
     return builder.get()
 
 
+
+
+def block_kernel_params(name: str, layout: BlockLayout, n: int, k: int, shapes: list[tuple], residual: bool,
+                        rows=1):
+    """Inside ``IB.prim_func``: the name and parameters of a kernel of block weights (``x``, the
+    layout's components, ``residual``, ``out``: :func:`block_gemm_cpu`'s order); returns ``x``
+    (``rows * k``), the components by name, ``out`` and ``residual`` (``rows * n``; None without
+    one) as flat buffers."""
+    IB.func_name(name)
+    IB.func_attr({"tirx.noalias": True})
+    x = IB.arg("x", IB.buffer(shapes[0], "float32"))
+    weight = {c.name: IB.arg(c.name, IB.buffer(shape, c.dtype))
+              for c, (_, shape, _) in zip(layout.components, _components(layout, n, k))}
+    added = IB.arg("residual", IB.buffer(shapes[1], "float32"))  # as in _dequantized_gemm
+    out = IB.arg("out", IB.buffer(shapes[1], "float32"))
+    return (IB.decl_buffer((rows * k,), "float32", data=x.data), weight,
+            IB.decl_buffer((rows * n,), "float32", data=out.data),
+            IB.decl_buffer((rows * n,), "float32", data=added.data) if residual else None)
 
 
 def _prefetch_row(components, j) -> None:
