@@ -127,7 +127,8 @@ def integer_kernel_for(target: Target, layout: BlockLayout, bits: int) -> tuple[
 
 
 def integer_gemv_supports(layout: BlockLayout, k: int) -> bool:
-    """Whether :func:`block_gemv_integer_cpu` takes rows of ``k`` weights in ``layout``."""
+    """Whether the integer kernels (:func:`block_gemv_integer_cpu`, :func:`block_gemm_integer_cpu`)
+    take rows of ``k`` weights in ``layout``."""
     return k % X_BLOCK == 0 and k % layout.block == 0 and _run_of(layout) % _PIECE == 0
 
 
