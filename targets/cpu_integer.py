@@ -275,7 +275,6 @@ def _store(buffer, at, vector, lanes: int) -> None:
 def _rounded_rows(x_rows, rows, k: int, run: int, bits: int):
     """Every activation row rounded once per call, rows in parallel: ``qx``, ``dx`` per
     :data:`X_BLOCK`, and per run ``sum(qx)`` (int32) and ``sum(qx * dx)`` (float32)."""
-    top = float(2 ** (bits - 1) - 1)
     qx = IB.alloc_buffer((rows * k,), f"int{bits}")
     dx = IB.alloc_buffer((rows * (k // X_BLOCK),), "float32")
     qx_sums = IB.alloc_buffer((rows * (k // run),), "int32")
@@ -289,13 +288,7 @@ def _rounded_rows(x_rows, rows, k: int, run: int, bits: int):
             total = IB.sblock_alloc_buffer((1,), "int32")
             with IB.serial(0, k // X_BLOCK) as g:
                 base = m * k + g * X_BLOCK
-                IB.buffer_store(largest, 0.0, [0])
-                with IB.serial(0, X_BLOCK) as i:
-                    IB.buffer_store(largest, tirx.max(largest[0], tirx.abs(x_rows[base + i])), [0])
-                IB.buffer_store(dx, largest[0] / top, [m * (k // X_BLOCK) + g])
-                inverse = tirx.if_then_else(largest[0] > 0.0, top / largest[0], tirx.const(0.0, "float32"))
-                with IB.vectorized(0, X_BLOCK) as i:
-                    IB.buffer_store(qx, tirx.round(x_rows[base + i] * inverse).astype(f"int{bits}"), [base + i])
+                _round_block(x_rows, base, qx, dx, m * (k // X_BLOCK) + g, largest, bits)
                 for u in range(X_BLOCK // run):
                     IB.buffer_store(total, 0, [0])
                     with IB.serial(0, run) as i:
@@ -373,22 +366,28 @@ def _gemm_tile(layout, dot, bits: int, lanes: int, k: int, n: int, chunk: int, r
         _store(out_rows, (first + r) * n + j0 + g * lanes, acc.vload([r * lanes], f"float32x{lanes}"), lanes)
 
 
+def _round_block(x, base, qx, dx, dx_at, largest, bits: int) -> None:
+    """``x[base:base + X_BLOCK]`` rounded: ``qx`` at the same place, its scale at ``dx[dx_at]``
+    (``largest``: a one-value scratch buffer)."""
+    top = float(2 ** (bits - 1) - 1)
+    IB.buffer_store(largest, 0.0, [0])
+    with IB.serial(0, X_BLOCK) as i:
+        IB.buffer_store(largest, tirx.max(largest[0], tirx.abs(x[base + i])), [0])
+    IB.buffer_store(dx, largest[0] / top, [dx_at])
+    inverse = tirx.if_then_else(largest[0] > 0.0, top / largest[0], tirx.const(0.0, "float32"))
+    with IB.vectorized(0, X_BLOCK) as i:
+        IB.buffer_store(qx, tirx.round(x[base + i] * inverse).astype(f"int{bits}"), [base + i])
+
+
 def _quantized_activations(x_row, k: int, bias: int, bits: int):
     """``qx`` (int``bits``), ``dx`` (one float per :data:`X_BLOCK`) and, per 4 values,
     ``-bias * sum(qx)`` (int32: where each dot's accumulator starts), once per call."""
-    top = float(2 ** (bits - 1) - 1)
     qx = IB.alloc_buffer((k,), f"int{bits}")
     dx = IB.alloc_buffer((k // X_BLOCK,), "float32")
     start = IB.alloc_buffer((k // 4,), "int32")
     largest = IB.alloc_buffer((1,), "float32")
     with IB.serial(0, k // X_BLOCK) as g:
-        IB.buffer_store(largest, 0.0, [0])
-        with IB.serial(0, X_BLOCK) as i:
-            IB.buffer_store(largest, tirx.max(largest[0], tirx.abs(x_row[g * X_BLOCK + i])), [0])
-        IB.buffer_store(dx, largest[0] / top, [g])
-        inverse = tirx.if_then_else(largest[0] > 0.0, top / largest[0], tirx.const(0.0, "float32"))
-        with IB.vectorized(0, X_BLOCK) as i:
-            IB.buffer_store(qx, tirx.round(x_row[g * X_BLOCK + i] * inverse).astype(f"int{bits}"), [g * X_BLOCK + i])
+        _round_block(x_row, g * X_BLOCK, qx, dx, g, largest, bits)
     with IB.serial(0, k // 4) as w:
         quad = sum(qx[4 * w + i].astype("int32") for i in range(1, 4)) + qx[4 * w].astype("int32")
         IB.buffer_store(start, quad * -bias, [w])
