@@ -65,14 +65,15 @@ class DotProduct:
         Q8_0's codes; the other layouts' stay below 2^15)."""
         return bits == 8 and not self.vnni and 2 * (2 ** layout.code_bits - 1) * 127 > 32767
 
-    def __call__(self, acc, codes, qx, column, run: int, bits: int):
-        """``acc`` plus codes ``0 .. run`` (bytes) times ``qx[column:]`` (int``bits``): a run of a
-        row's weights (decode's lanes are columns)."""
+    def __call__(self, acc, codes, at, qx, column, run: int, bits: int):
+        """``acc`` plus codes ``at .. at + run`` (bytes) times ``qx[column:]`` (int``bits``): a run
+        of a row's weights (decode's lanes are columns)."""
         if bits == 8:
-            return self.multiply(acc, codes.vload([0], f"uint8x{run}"), qx.vload([column], f"int8x{run}"), 8, run // 4)
+            return self.multiply(acc, codes.vload([at], f"uint8x{run}"), qx.vload([column], f"int8x{run}"), 8,
+                                 run // 4)
         half = run // 2  # int16: each half of the run's codes widened to words
         for h in range(2):
-            c = tirx.Cast(f"int16x{half}", codes.vload([h * half], f"uint8x{half}"))
+            c = tirx.Cast(f"int16x{half}", codes.vload([at + h * half], f"uint8x{half}"))
             acc = self.multiply(acc, c, qx.vload([column + h * half], f"int16x{half}"), 16, run // 4)
         return acc
 
@@ -137,75 +138,180 @@ def _run_of(layout: BlockLayout) -> int:
     return min(_RUN, layout.sub)
 
 
+# Runs whose integer sums are reduced into one vector of as many lanes before they meet their scales.
+_GROUP = 8
+
+
 # pylint: disable=too-many-locals,too-many-arguments
 def block_gemv_integer_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tuple], residual: bool,
                            dot: DotProduct, bits: int = 8):
     """``out ~= x . w^T (+ residual)`` for one activation row, ``w`` in a llama.cpp block layout,
     with activations rounded to ``bits`` (module docstring); the parameters of ``block_gemv_cpu``.
 
-    Runs go two at a time into two float accumulators (the FMA's latency), each run's codes built
-    in 16-byte pieces with constant shifts (contiguous loads) as in the float kernel. Output rows
-    go in parallel blocks; each row prefetches the one :data:`_PREFETCH_ROWS` ahead."""
-    run, blocks, subs = _run_of(layout), k // layout.block, layout.block // layout.sub
-    lanes, runs_per_sub = run // 4, layout.sub // run
-    # Blocks per loop step: enough for two runs, so that each run's accumulator is a constant.
-    step = 2 if layout.block == run and blocks % 2 == 0 else 1
+    Each run's codes are built in 16-byte pieces with constant shifts (contiguous loads), as in
+    the float kernel, and meet the activations in integer dot products. The int32 sums of
+    :data:`_GROUP` runs are transposed into one vector (a lane per run, :func:`_lane_sums`), so
+    that the runs' scales, offsets and activation scales meet them as vectors: one conversion
+    and two multiply-adds per group instead of per run. Output rows go in parallel blocks; each
+    row prefetches the one :data:`_PREFETCH_ROWS` ahead."""
+    run = _run_of(layout)
+    span = _GROUP * run  # columns per group
+    # Groups per loop step: a whole block when it holds several groups (constant code offsets).
+    per_step = max(1, layout.block // span)
+    steps, rest = divmod(k, span * per_step)
     rows = largest_divisor(n, (_GEMV_ROWS_PER_TASK, 8, 4, 2, 1))
     with IRBuilder() as builder:
         with IB.prim_func(s_tir=True):
             x_row, weight, out_row, added_row = block_kernel_params("block_gemv_integer", layout, n, k, shapes,
                                                                     residual)
-            qx, dx, start = _quantized_activations(x_row, k, -layout.code_min, bits)
-            sums = _rounded_sums(qx, dx, k, layout.sub) if layout.offset is not None else None
+            rounded = _rounded_row(x_row, k, run, layout, bits)
             with IB.parallel(0, n // rows) as task:
                 with IB.sblock("gemv"):
-                    IB.reads([qx[0:k], dx[0:k // X_BLOCK], start[0:k // 4],
+                    IB.reads([*(b[0:b.shape[0]] for b in rounded.buffers()),
                               *(w[0:w.shape[0], 0:w.shape[1]] for w in weight.values()),
-                              *([sums[0:k // layout.sub]] if sums is not None else []),
                               *([added_row[0:n]] if residual else [])])
                     IB.writes([out_row[0:n]])
-                    acc = IB.sblock_alloc_buffer((2 * lanes,), "float32")
-                    codes = IB.sblock_alloc_buffer((run,), "uint8")
-                    total = IB.sblock_alloc_buffer((1,), "float32")
+                    scratch = _GroupScratch(IB.sblock_alloc_buffer((span,), "uint8"),
+                                            IB.sblock_alloc_buffer((_GROUP,), "float32"),
+                                            IB.sblock_alloc_buffer((_GROUP,), "float32"),
+                                            IB.sblock_alloc_buffer((_GROUP,), "float32"))
+                    group = functools.partial(_group_of_runs, layout, dot, bits, weight, rounded, scratch)
                     with IB.serial(0, rows) as r:
                         j = task * rows + r
                         _prefetch_row(weight.values(), tirx.min(j + _PREFETCH_ROWS, n - 1))
-                        with IB.vectorized(0, 2 * lanes) as lane:
-                            IB.buffer_store(acc, 0.0, [lane])
-                        IB.buffer_store(total, 0.0, [0])
-                        with IB.serial(0, blocks // step) as pair:
-                            for t in range(step):
-                                b = pair * step + t
-                                for s in range(subs):
-                                    for u in range(runs_per_sub):
-                                        e0 = s * layout.sub + u * run
-                                        parity = (t + (s * runs_per_sub + u)) % 2
-                                        _one_run(layout, dot, weight, j, b, s, e0, run, codes, qx, dx, start, acc,
-                                                 parity, bits)
-                                    if sums is not None:
-                                        IB.buffer_store(total, total[0] + layout.offset(weight, j, b, s)
-                                                        * sums[b * subs + s], [0])
-                        with IB.serial(0, 2 * lanes) as lane:
-                            IB.buffer_store(total, total[0] + acc[lane], [0])
-                        IB.buffer_store(out_row, total[0] + added_row[j] if residual else total[0], [j])
+                        _store(scratch.acc, 0, tirx.Broadcast(tirx.const(0.0, "float32"), _GROUP), _GROUP)
+                        with IB.serial(0, steps) as step:
+                            for h in range(per_step):
+                                group(j, (step * per_step + h) * span, _GROUP)
+                        for h in range(rest // span):
+                            group(j, steps * per_step * span + h * span, _GROUP)
+                        if rest % span:
+                            group(j, k - rest % span, rest % span // run)
+                        total = _sum_of_lanes(scratch.acc.vload([0], f"float32x{_GROUP}"), _GROUP)
+                        IB.buffer_store(out_row, total + added_row[j] if residual else total, [j])
     return builder.get()
 
 
-def _one_run(layout, dot, weight, j, b, s, e0: int, run: int, codes, qx, dx, start, acc, parity: int,
-             bits: int) -> None:
-    """``acc[parity] += scale * dx * sum(qx * code)`` over codes ``e0 .. e0 + run`` of block ``b``."""
-    lanes = run // 4
-    for piece in range(run // _PIECE):
-        with IB.vectorized(0, _PIECE) as lane:
-            e = e0 + piece * _PIECE + lane
-            IB.buffer_store(codes, (layout.code(weight, j, b, e) - layout.code_min).astype("uint8"),
-                            [piece * _PIECE + lane])
-    column = b * layout.block + e0
-    summed = dot(start.vload([column // 4], f"int32x{lanes}"), codes, qx, column, run, bits)
-    factor = layout.scale(weight, j, b, s) * dx[column // X_BLOCK]
-    here = tirx.Ramp(parity * lanes, 1, lanes)
-    IB.buffer_store(acc, tirx.BufferLoad(acc, [here]) + tirx.Cast(f"float32x{lanes}", summed)
-                    * tirx.Broadcast(factor, lanes), [here])
+@dataclasses.dataclass(frozen=True)
+class _RoundedRow:
+    """One activation row rounded for the decode kernel: ``qx``, ``dx`` per :data:`X_BLOCK`, and
+    per run (padded with zeros to whole groups) ``code_min * sum(qx)`` (int32, None when
+    ``code_min`` is 0) and ``sum(qx * dx)`` (float32, None without offsets)."""
+
+    qx: object
+    dx: object
+    starts: object
+    sums: object
+
+    def buffers(self) -> list:
+        return [b for b in (self.qx, self.dx, self.starts, self.sums) if b is not None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupScratch:
+    """Per task: a group's codes, its lanes' factors and offsets, and the row's float accumulator."""
+
+    codes: object
+    factors: object
+    offsets: object
+    acc: object
+
+
+def _rounded_row(x_row, k: int, run: int, layout: BlockLayout, bits: int) -> _RoundedRow:
+    """``x_row`` rounded once per call (:func:`_round_block`), with its per-run sums."""
+    runs = -(-k // run // _GROUP) * _GROUP
+    qx = IB.alloc_buffer((k,), f"int{bits}")
+    dx = IB.alloc_buffer((k // X_BLOCK,), "float32")
+    largest = IB.alloc_buffer((1,), "float32")
+    with IB.serial(0, k // X_BLOCK) as g:
+        _round_block(x_row, g * X_BLOCK, qx, dx, g, largest, bits)
+    starts = IB.alloc_buffer((runs,), "int32") if layout.code_min else None
+    sums = IB.alloc_buffer((runs,), "float32") if layout.offset is not None else None
+    total = IB.alloc_buffer((1,), "int32")
+    with IB.serial(0, runs) as u:
+        IB.buffer_store(total, 0, [0])
+        with IB.serial(0, run) as i:
+            e = tirx.min(u * run + i, k - 1)
+            IB.buffer_store(total, total[0] + tirx.if_then_else(u * run + i < k, qx[e].astype("int32"), 0), [0])
+        if starts is not None:
+            IB.buffer_store(starts, total[0] * layout.code_min, [u])
+        if sums is not None:
+            # The offsets meet the rounded activations too, so that each weight is multiplied by the
+            # same rounded x (as in llama.cpp; rounding errors then meet w, not the larger scale * code).
+            IB.buffer_store(sums, total[0].astype("float32") * dx[tirx.min(u * run, k - 1) // X_BLOCK], [u])
+    return _RoundedRow(qx, dx, starts, sums)
+
+
+def _group_of_runs(layout, dot, bits: int, weight, rounded: _RoundedRow, scratch: _GroupScratch, j, first,
+                   count: int) -> None:
+    """``acc += sum(qx * code) * scale * dx (+ offset * sum(qx * dx))`` for ``count`` runs of row
+    ``j`` from column ``first``, one lane per run."""
+    run = _run_of(layout)
+    sums = []
+    for u in range(count):
+        column = first + u * run
+        block, e0 = column // layout.block, column % layout.block
+        for piece in range(run // _PIECE):
+            with IB.vectorized(0, _PIECE) as lane:
+                code = layout.code(weight, j, block, e0 + piece * _PIECE + lane) - layout.code_min
+                IB.buffer_store(scratch.codes, code.astype("uint8"), [u * run + piece * _PIECE + lane])
+        sums.append(dot(tirx.Broadcast(tirx.const(0, "int32"), run // 4), scratch.codes, u * run, rounded.qx,
+                        column, run, bits))
+    zero = tirx.Broadcast(tirx.const(0, "int32"), run // 4)
+    summed = _lane_sums(sums + [zero] * (_GROUP - count), run // 4)
+    first_run = first // run
+    if rounded.starts is not None:
+        summed = summed + rounded.starts.vload([first_run], f"int32x{_GROUP}")
+    if count < _GROUP:
+        _store(scratch.factors, 0, tirx.Broadcast(tirx.const(0.0, "float32"), _GROUP), _GROUP)
+        _store(scratch.offsets, 0, tirx.Broadcast(tirx.const(0.0, "float32"), _GROUP), _GROUP)
+    with IB.vectorized(0, count) as u:
+        column = first + u * run
+        block, s = column // layout.block, column % layout.block // layout.sub
+        IB.buffer_store(scratch.factors, layout.scale(weight, j, block, s) * rounded.dx[column // X_BLOCK], [u])
+        if layout.offset is not None:
+            IB.buffer_store(scratch.offsets, layout.offset(weight, j, block, s), [u])
+    vector = f"float32x{_GROUP}"
+    total = scratch.acc.vload([0], vector) + tirx.Cast(vector, summed) * scratch.factors.vload([0], vector)
+    if layout.offset is not None:
+        total = total + scratch.offsets.vload([0], vector) * rounded.sums.vload([first_run], vector)
+    _store(scratch.acc, 0, total, _GROUP)
+
+
+# Shuffles of two vectors ``a || b`` (lanes of ``a`` first) that interleave within 128-bit halves.
+def _interleave(lanes: int, width: int, high: bool) -> list[int]:
+    """Indices of ``unpack{lo,hi}`` of ``width``-lane units: per 4-lane half, alternate units of ``a`` and ``b``."""
+    out = []
+    for half in range(lanes // 4):
+        base = half * 4 + (2 if high else 0)
+        for unit in range(0, 2, width):
+            for src in (0, lanes):
+                out += [src + base + unit + i for i in range(width)]
+    return out
+
+
+def _lane_sums(vectors: list, lanes: int):
+    """``[sum(v) for v in vectors]`` as one vector of :data:`_GROUP` int32 lanes, ``vectors``
+    being :data:`_GROUP` int32 vectors of ``lanes`` (8 or 4): a transpose by in-half interleaves
+    (``vpunpck*``, one instruction each) with adds, ~2.6 instructions per vector."""
+    def add_pairs(vs, width):
+        return [tirx.Shuffle([a, b], _interleave(lanes, width, False))
+                + tirx.Shuffle([a, b], _interleave(lanes, width, True)) for a, b in zip(vs[0::2], vs[1::2])]
+
+    quads = add_pairs(add_pairs(vectors, 1), 2)  # each: 4 vectors' sums per 128-bit half
+    if lanes == 4:
+        return tirx.Shuffle(quads, list(range(8)))
+    low, high = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+    return tirx.Shuffle(quads, low) + tirx.Shuffle(quads, high)
+
+
+def _sum_of_lanes(vector, lanes: int):
+    """The sum of a float vector's lanes, halving it ``log2(lanes)`` times."""
+    while lanes > 1:
+        lanes //= 2
+        vector = (tirx.Shuffle([vector], list(range(lanes)))
+                  + tirx.Shuffle([vector], list(range(lanes, 2 * lanes))))
+    return vector
 
 
 # Activation rows per tile of the prefill kernel, by its vectors' lanes: as many int and float
@@ -377,34 +483,6 @@ def _round_block(x, base, qx, dx, dx_at, largest, bits: int) -> None:
     inverse = tirx.if_then_else(largest[0] > 0.0, top / largest[0], tirx.const(0.0, "float32"))
     with IB.vectorized(0, X_BLOCK) as i:
         IB.buffer_store(qx, tirx.round(x[base + i] * inverse).astype(f"int{bits}"), [base + i])
-
-
-def _quantized_activations(x_row, k: int, bias: int, bits: int):
-    """``qx`` (int``bits``), ``dx`` (one float per :data:`X_BLOCK`) and, per 4 values,
-    ``-bias * sum(qx)`` (int32: where each dot's accumulator starts), once per call."""
-    qx = IB.alloc_buffer((k,), f"int{bits}")
-    dx = IB.alloc_buffer((k // X_BLOCK,), "float32")
-    start = IB.alloc_buffer((k // 4,), "int32")
-    largest = IB.alloc_buffer((1,), "float32")
-    with IB.serial(0, k // X_BLOCK) as g:
-        _round_block(x_row, g * X_BLOCK, qx, dx, g, largest, bits)
-    with IB.serial(0, k // 4) as w:
-        quad = sum(qx[4 * w + i].astype("int32") for i in range(1, 4)) + qx[4 * w].astype("int32")
-        IB.buffer_store(start, quad * -bias, [w])
-    return qx, dx, start
-
-
-def _rounded_sums(qx, dx, k: int, sub: int):
-    """``sum(qx * dx)`` over each ``sub`` consecutive values, once per call: the offsets meet the
-    rounded activations too, so that each weight is multiplied by the same rounded ``x`` (as in
-    llama.cpp; rounding errors then meet ``w``, not the larger ``scale * code``)."""
-    sums = IB.alloc_buffer((k // sub,), "float32")
-    with IB.serial(0, k // sub) as g:
-        IB.buffer_store(sums, 0.0, [g])
-        with IB.serial(0, sub) as i:
-            e = g * sub + i
-            IB.buffer_store(sums, sums[g] + qx[e].astype("float32") * dx[e // X_BLOCK], [g])
-    return sums
 
 
 def has_integer_dots(target: Target) -> bool:

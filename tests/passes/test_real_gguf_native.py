@@ -26,8 +26,12 @@ PERPLEXITY_BOUND = 0.005
 # Tokens of the text scored through decode (a call per token). The projections' activations
 # rounded to 16 bits (the default) measured +0.00% against q0f32 on both models, through prefill
 # and through decode; to 8 bits, as llama.cpp rounds them, +0.72% / -0.01% (SmolLM2) and
-# +0.18% / +0.12% (Gemma 3).
+# +0.18% / +0.12% (Gemma 3) on a Zen 4 (VNNI).
 DECODE_TOKENS = 512
+# int8's perplexity moves by up to half a percent either way when a projection's float32 sums
+# change order (Gemma 3 on AVX2, decode: -0.16% with one kernel, -0.53% with another, both within
+# 1e-7 of the rounded product on its real weights): an activation near a rounding boundary flips
+# by one step and that travels through the layers. So 8 bits are held to 1%, prefill and decode.
 INT8_PERPLEXITY_BOUND = 0.01
 TEXT = (Path(__file__).parent.parent / "data" / "pride_and_prejudice.txt").read_text(encoding="utf-8")
 
@@ -101,7 +105,7 @@ def test_perplexity_at_integer_activations(alias, bundled_artifacts):
     int8 = perplexity_of_ids(int8_model, ids, decode=True).perplexity
     int8_prefill = perplexity_of_ids(int8_model, ids).perplexity
     assert abs(default - expected) / expected < PERPLEXITY_BOUND, (default, expected)
-    assert abs(int8 - expected) / expected < PERPLEXITY_BOUND, (int8, expected)
+    assert abs(int8 - expected) / expected < INT8_PERPLEXITY_BOUND, (int8, expected)
     assert abs(int8_prefill - expected) / expected < INT8_PERPLEXITY_BOUND, (int8_prefill, expected)
 
 

@@ -86,6 +86,27 @@ def test_integer_prefill_over_several_passes_of_k(name):
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_decode_over_a_partial_group_of_runs(name, bits):
+    """Decode reduces the sums of 8 runs at a time (cpu_integer._GROUP): 640 columns of a 32-value
+    block leave a group of 4 runs (SmolLM2's 576 and Gemma 3's 640 have such tails); the K-quants
+    take 768 (3 groups; Q6_K's runs of 16 make groups of half a block)."""
+    target, layout = resolve("llvm").target, LAYOUTS[name]
+    if not has_integer_dots(target):
+        pytest.skip("this CPU has no integer dot products")
+    k = 640 if layout.block == 32 else 768
+    _, width = integer_kernel_for(target, layout, bits)
+    replacement = replacement_by(BlockMatmul(bits), block_matmul(layout, 1, True, k), target, "gemv")
+    raw = random_blocks(layout, OUT, k, seed=8)
+    rng = np.random.default_rng(9)
+    x, added = rng.standard_normal((1, 1, k), dtype="float32"), rng.standard_normal((1, 1, OUT), dtype="float32")
+    actual = run(replacement, target, [layout.split(raw)[c.name] for c in layout.components] + [x, added], (1, 1, OUT))
+    weights = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name]).astype(np.float64)
+    expected = rounded(x, width) @ weights.T + added
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 def test_integer_activations_only_when_asked():
     from tvm import tirx
 
