@@ -62,6 +62,9 @@ class BlockLayout:
     # unsigned bytes are ``code - code_min``).
     code_bits: int = 4
     code_min: int = 0
+    # ``code - code_min`` computed in bytes, where that is cheaper for vector code than
+    # narrowing ``code`` (the integer kernels' form; None: from ``code``).
+    unsigned_code: Callable[[Buffers, object, object, int | object], object] | None = None
 
     def component_of(self, dtype: str, width: int, k: int) -> Component | None:
         """The component stored as ``[rows, width]`` of ``dtype`` for rows of ``k`` weights."""
@@ -81,6 +84,12 @@ class BlockLayout:
         rows = next(iter(parts.values())).shape[0]
         blocks = {c.name: np.asarray(parts[c.name]).reshape(rows, -1, c.per_block) for c in self.components}
         return self.join_block(blocks).reshape(rows, -1)
+
+    def code_byte(self, c: Buffers, j, b, e):
+        """``code - code_min`` of weight ``e`` of block ``b`` of row ``j``, as uint8."""
+        if self.unsigned_code is not None:
+            return self.unsigned_code(c, j, b, e)
+        return (self.code(c, j, b, e) - self.code_min).astype("uint8")
 
     def value(self, c: Buffers, j, column):
         """The float32 weight at ``[j, column]`` (a TIR expression)."""
@@ -178,6 +187,15 @@ def _q5_0_code(c: Buffers, j, b, e):
     return (_low_high_nibble(c, j, b, e) + high.astype("int32") * 16) - 16
 
 
+def _q5_0_unsigned_code(c: Buffers, j, b, e):
+    # The same bits, in bytes: the fifth bit tested in byte e // 8 of qh with a constant mask per
+    # lane rather than shifted out of a 32-bit word by a different amount per lane.
+    qh_byte = tirx.shift_right(c["qh"][j, b], _as((e // 8) * 8, "uint32")).astype("uint8")
+    bit = tirx.shift_left(_u8(1), _as(e % 8, "uint8"))
+    low = tirx.bitwise_and(tirx.shift_right(c["qs"][j, b * 16 + e % 16], _as((e // 16) * 4, "uint8")), _u8(15))
+    return tirx.bitwise_or(low, tirx.Select(tirx.bitwise_and(qh_byte, bit) == bit, _u8(16), _u8(0)))
+
+
 Q5_0 = BlockLayout(
     "Q5_0", block=32, sub=32, type_size=22,
     components=(Component("d", "float16", 1), Component("qh", "uint32", 1), Component("qs", "uint8", 16)),
@@ -185,7 +203,7 @@ Q5_0 = BlockLayout(
     join_block=lambda p: _concat(p["d"], p["qh"].astype(np.uint32), p["qs"]),
     code=_q5_0_code,
     scale=lambda c, j, b, s: _half(c["d"][j, b]),
-    code_bits=5, code_min=-16,
+    code_bits=5, code_min=-16, unsigned_code=_q5_0_unsigned_code,
 )
 
 Q8_0 = BlockLayout(

@@ -253,8 +253,8 @@ def _group_of_runs(layout, dot, bits: int, weight, rounded: _RoundedRow, scratch
         block, e0 = column // layout.block, column % layout.block
         for piece in range(run // _PIECE):
             with IB.vectorized(0, _PIECE) as lane:
-                code = layout.code(weight, j, block, e0 + piece * _PIECE + lane) - layout.code_min
-                IB.buffer_store(scratch.codes, code.astype("uint8"), [u * run + piece * _PIECE + lane])
+                code = layout.code_byte(weight, j, block, e0 + piece * _PIECE + lane)
+                IB.buffer_store(scratch.codes, code, [u * run + piece * _PIECE + lane])
         sums.append(dot(tirx.Broadcast(tirx.const(0, "int32"), run // 4), scratch.codes, u * run, rounded.qx,
                         column, run, bits))
     zero = tirx.Broadcast(tirx.const(0, "int32"), run // 4)
@@ -419,8 +419,7 @@ def _stage_weights(layout, weight, j0, block: int, k0, chunk: int, span: int, co
         kb, j = k0 // layout.block + b, j0 + jj
         for p in range(layout.block // _PIECE):
             with IB.vectorized(0, _PIECE) as lane:
-                code = layout.code(weight, j, kb, p * _PIECE + lane) - layout.code_min
-                IB.buffer_store(piece, code.astype(piece.dtype), [lane])
+                IB.buffer_store(piece, layout.code_byte(weight, j, kb, p * _PIECE + lane).astype(piece.dtype), [lane])
             for w in range(_PIECE // span):
                 at = (b * layout.block + p * _PIECE) // span * block + w * block + jj
                 IB.buffer_store(words, piece_words[w], [at])
