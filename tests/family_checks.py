@@ -11,6 +11,9 @@ from support import TinyModel, relative_error
 
 # fp32 logits against transformers.
 TOLERANCE = 1e-4
+# A GGUF's projections with their activations rounded to int16 (the default on a CPU with AVX2):
+# measured 1.4e-4 on tests/passes/test_gguf_native.py's model, 1.0e-4 on the bench model.
+INT16_BOUND = 5e-4
 # Batched kernels sum in a different order than single-sequence ones; this is float32 noise.
 BATCH_TOLERANCE = 1e-5
 # 12 prompt tokens and 8 decode steps: 20 positions, past the tiny sliding windows (8).
