@@ -221,7 +221,9 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding: bool 
     attention sinks, then the window). The query heads that share a kv head read its keys once,
     as one block (:func:`_attend_block`); a long sequence's pages are split among up to
     :data:`DECODE_SPLITS` tasks (at least :data:`DECODE_SPLIT_PAGES` pages each), whose partial
-    softmaxes a second loop merges, so that one sequence keeps every thread busy. relaxlm applies
+    softmaxes a second loop merges, so that one sequence keeps every thread busy. Only as many
+    splits as the batch's pages fill are tasks: a short context's empty splits, each one
+    setting up its block and merged, cost more than its keys. relaxlm applies
     RoPE in the model (``RopeMode.NONE``): ``rotary_mode`` is 0."""
     group, page_size, splits = h_q // h_kv, KEY_TILE, DECODE_SPLITS
     lanes = 1 << (group - 1).bit_length()
@@ -242,7 +244,11 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding: bool 
         # Each split's unnormalised output, and its running max and sum.
         partial = T.alloc_buffer((batch_size, h_kv, splits, lanes, d), "float32")
         partial_state = T.alloc_buffer((batch_size, h_kv, splits, 2, lanes), "float32")
-        for task in T.parallel(batch_size * h_kv * splits):
+        # Any count of splits covers every page (a split takes its share of them); this one gives
+        # each split at least DECODE_SPLIT_PAGES pages of an average sequence.
+        used: T.let[T.int32] = T.min(splits, T.max(1, T.ceildiv(page_indptr[batch_size] - page_indptr[0],
+                                                                DECODE_SPLIT_PAGES * batch_size)))
+        for task in T.parallel(batch_size * h_kv * used):
             with T.sblock("attn"):
                 T.reads(_whole(q, pages, page_indptr, page_values, length_info))
                 T.writes(_whole(partial, partial_state))
@@ -252,15 +258,15 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding: bool 
                 state = T.sblock_alloc_buffer((4, lanes), "float32")
                 acc = T.sblock_alloc_buffer((_accumulator_size(lanes, d),), "float32")
                 bounds = T.sblock_alloc_buffer((2, lanes), "int32")
-                b: T.let[T.int32] = task // (h_kv * splits)
-                kv: T.let[T.int32] = task // splits % h_kv
-                split: T.let[T.int32] = task % splits
+                b: T.let[T.int32] = task // (h_kv * used)
+                kv: T.let[T.int32] = task // used % h_kv
+                split: T.let[T.int32] = task % used
                 begin: T.let[T.int32] = page_indptr[b]
                 sinks: T.let[T.int32] = _sinks(length_info, b, sliding)
                 # The keys after the sinks lie at these positions of the sequence's pages.
                 first: T.let[T.int32] = _window_start(length_info, b, sliding)
                 end: T.let[T.int32] = first + _decode_length(page_indptr, length_info, b, page_size, sliding) - sinks
-                per_split: T.let[T.int32] = _pages_per_split(first, end, page_size, splits)
+                per_split: T.let[T.int32] = _pages_per_split(first, end, page_size, used)
                 for r in T.serial(lanes):
                     bounds[0, r] = 0
                     bounds[1, r] = T.if_then_else(r < group, end, 0)
@@ -294,15 +300,15 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding: bool 
                 r: T.let[T.int32] = task % group
                 # A split without keys weighs exp2(-5e4 - max) = 0; an empty sequence (no split
                 # merged) gets output 0 and lse -5e4, as from TVM's kernel.
-                used: T.let[T.int32] = T.if_then_else(
-                    _decode_length(page_indptr, length_info, b, page_size, sliding) > 0, splits, 0)
+                merged_splits: T.let[T.int32] = T.if_then_else(
+                    _decode_length(page_indptr, length_info, b, page_size, sliding) > 0, used, 0)
                 total[0] = _NEG
-                for split in T.serial(used):
+                for split in T.serial(merged_splits):
                     total[0] = T.max(total[0], partial_state[b, kv, split, 0, r])
-                total[1] = T.if_then_else(used > 0, 0.0, 1.0)
+                total[1] = T.if_then_else(merged_splits > 0, 0.0, 1.0)
                 for c in T.vectorized(d):
                     merged[c] = 0.0
-                for split in T.serial(used):
+                for split in T.serial(merged_splits):
                     weight: T.let[T.float32] = T.exp2(partial_state[b, kv, split, 0, r] - total[0])
                     total[1] += partial_state[b, kv, split, 1, r] * weight
                     for c in T.vectorized(d):
@@ -331,7 +337,7 @@ def _window_start(length_info, b, sliding: bool):
     return length_info[1, b] if sliding else 0
 
 
-def _pages_per_split(first, end, page_size: int, splits: int):
+def _pages_per_split(first, end, page_size: int, splits):
     """Pages per decode task for the keys at positions ``first`` to ``end`` of the pages: over
     ``splits`` tasks, at least :data:`DECODE_SPLIT_PAGES` (a split's fixed costs outweigh fewer keys)."""
     return T.max(T.ceildiv(T.ceildiv(end, page_size) - first // page_size, splits), DECODE_SPLIT_PAGES)
