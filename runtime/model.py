@@ -6,12 +6,14 @@ through TVM's ``vm.builtin.kv_state_*`` functions around every call of a compile
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from pathlib import Path
 from typing import Sequence as Seq
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm.runtime import ShapeTuple
 # Not ``tvm.relax``: importing it needs the TVM compiler library, which a runtime-only TVM
 # (TVM_USE_RUNTIME_LIB=1, as deployed to a GPU machine) does not have.
@@ -144,6 +146,9 @@ class Model:
         self.device = device
         self.vm = VirtualMachine(library, device)
         self.params = params
+        # Converted once: the VM takes the weights as one array, and converting the list costs
+        # microseconds on every call.
+        self._param_array = tvm_ffi.Array(params)
         self.context_window = manifest.context_window_size
         self.prefill_chunk = manifest.prefill_chunk_size
         self.vocab_size = manifest.vocab_size
@@ -175,8 +180,7 @@ class Model:
     def _embed(self, token_ids: np.ndarray):
         if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= self.vocab_size):
             raise GenerationError(f"token ids must lie in [0, {self.vocab_size})")
-        ids = tvm.runtime.tensor(token_ids.astype("int32"), self.device)
-        return self.vm["embed"](ids, self.params)
+        return self.vm["embed"](self._tensor(token_ids.astype("int32")), self._param_array)
 
     def _forward(self, entry: str, seqs: Seq["Sequence"], lengths: Seq[int], embeds, *extra, tree=None) -> np.ndarray:
         """Run one compiled entry point over ``seqs``; returns float32 logits (rows, vocab)."""
@@ -186,17 +190,39 @@ class Model:
                     f"{seq.length + n} tokens exceed the context window of {self.context_window}; "
                     "shorten the prompt or max_tokens"
                 )
+        with self.forward(seqs, lengths, tree):
+            logits, _ = self.vm[entry](embeds, *extra, self.kv_cache, self._param_array)
+        return self._host_array(logits).reshape(-1, logits.shape[-1])
+
+    def _tensor(self, array: np.ndarray):
+        """``array`` as a tensor on the model's device. On the CPU an aligned host copy is wrapped
+        as it is (``tvm.runtime.tensor`` takes tens of microseconds, a decode step's token too)."""
+        if self.device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+            return tvm.runtime.tensor(array, self.device)
+        return tvm.runtime.from_dlpack(_aligned_copy(array))
+
+    def _host_array(self, tensor) -> np.ndarray:
+        """``tensor`` as a NumPy array: the VM's own buffer on the CPU (the array keeps it alive;
+        the VM allocates a new one per call), a copy from other devices."""
+        if self.device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+            return tensor.numpy()
+        return np.from_dlpack(tensor)
+
+    @contextlib.contextmanager
+    def forward(self, seqs: Seq["Sequence"], lengths: Seq[int], tree: Seq[int] | None = None):
+        """The KV cache's view of one call that appends ``lengths[i]`` tokens to ``seqs[i]`` (a
+        token tree's parents in ``tree``): opened before the call, closed after it, also on error.
+        The sequences count the tokens as appended."""
         args = [self.kv_cache, ShapeTuple([s.id for s in seqs]), ShapeTuple(list(lengths))]
         if tree is not None:
             args.append(ShapeTuple(tree))
         _BEGIN_FORWARD(*args)
         try:
-            logits, _ = self.vm[entry](embeds, *extra, self.kv_cache, self.params)
+            yield
         finally:
             _END_FORWARD(self.kv_cache)
         for seq, n in zip(seqs, lengths):
             seq.length += n
-        return logits.numpy().reshape(-1, logits.shape[-1])
 
     def batch_prefill(self, seqs: Seq["Sequence"], token_lists: Seq[Seq[int]]) -> np.ndarray:
         """Prefill several sequences in one call; returns each one's last-position logits (b, vocab)."""
@@ -208,7 +234,7 @@ class Model:
             active = [i for i, n in enumerate(lengths) if n > start]
             chunks = [np.asarray(token_lists[i][start : start + self.max_append], dtype=np.int32) for i in active]
             flat = np.concatenate(chunks)[None, :]
-            positions = tvm.runtime.tensor(np.cumsum([c.size for c in chunks]).astype("int32") - 1, self.device)
+            positions = self._tensor(np.cumsum([c.size for c in chunks]).astype("int32") - 1)
             rows = self._forward("batch_prefill", [seqs[i] for i in active], [c.size for c in chunks],
                                  self._embed(flat), positions)
             for i, row in zip(active, rows):
@@ -261,7 +287,7 @@ class Sequence:
         ids = np.asarray(token_ids, dtype=np.int32)
         if ids.ndim != 1 or not 0 < ids.size <= self.model.max_append:
             raise GenerationError(f"one call appends 1 to {self.model.max_append} tokens, not {ids.size}")
-        positions = tvm.runtime.tensor(np.arange(ids.size, dtype=np.int32), self.model.device)
+        positions = self.model._tensor(np.arange(ids.size, dtype=np.int32))
         return self.model._forward("batch_prefill", [self], [ids.size], self.model._embed(ids[None, :]), positions)
 
     def decode(self, token_id: int) -> np.ndarray:
@@ -306,3 +332,16 @@ class Sequence:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# TVM wraps host memory only where it starts on this many bytes.
+_TENSOR_ALIGNMENT = 64
+
+
+def _aligned_copy(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``array`` that starts on :data:`_TENSOR_ALIGNMENT` bytes."""
+    raw = np.empty(array.nbytes + _TENSOR_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % _TENSOR_ALIGNMENT
+    copy = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    copy[...] = array
+    return copy
