@@ -244,8 +244,11 @@ def chat(artifact, system, verbose, max_tokens, device, seed, **sampling):
                    "llama-cpp-python).")
 @click.option("--threads", type=int, default=None, help="CPU threads for every runner (default: TVM_NUM_THREADS).")
 @click.option("--device", default="auto", show_default=True, help="Where relaxlm runs (the comparisons run on the CPU).")
+@click.option("--profile", is_flag=True,
+              help="Also split a decode step's time (after depth + prompt tokens) by kernel kind, attention and "
+                   "the VM's overhead (CPU artifacts).")
 @reports_errors
-def bench(artifact, prompt_len, gen_len, depth, runs, compare, source, llama_bench, threads, device):
+def bench(artifact, prompt_len, gen_len, depth, runs, compare, source, llama_bench, threads, device, profile):
     """Time prefill and decode of a compiled ARTIFACT (tokens/s, batch 1), optionally against other runners."""
     from relaxlm.runtime import load
     from relaxlm.runtime.bench import bench as run_bench
@@ -259,10 +262,18 @@ def bench(artifact, prompt_len, gen_len, depth, runs, compare, source, llama_ben
 
         source = resolve_bundled(source) if source in BUNDLED else source
     model = load(artifact, device=device)
+    if profile:
+        from relaxlm.runtime.profile import check_can_profile
+
+        check_can_profile(model, depth + prompt_len)
     result = run_bench(model, prompt_len=prompt_len, gen_len=gen_len, runs=runs, compare=compare, source=source,
                        progress=lambda line: click.echo(f"relaxlm: {line}", err=True), llama_bench=llama_bench,
                        depth=depth)
     click.echo(format_table(result))
+    if profile:
+        from relaxlm.runtime.profile import format_profile, profile_decode
+
+        click.echo(format_profile(profile_decode(model, context=depth + prompt_len)))
 
 
 @main.command()
