@@ -90,3 +90,21 @@ def test_forked_sequence_continues_exactly_as_its_parent(model):
         parent_logits = [parent.decode(t) for t in continuation]
     for ours, theirs in zip(child_logits, parent_logits):
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_logits_returned_earlier_stay_as_they_were(model):
+    """On the CPU the logits are the VM's own output buffer (no copy): later calls must not write
+    into an array the caller still holds, and the caller may change it."""
+    with model.new_sequence() as seq:
+        first = seq.prefill(PROMPTS[0])
+        kept = first.copy()
+        first_decode = seq.decode(11)
+        kept_decode = first_decode.copy()
+        first_decode[:] = 0
+        for token in (12, 13, 14):
+            seq.decode(token)
+    np.testing.assert_array_equal(first, kept)
+    assert not np.array_equal(kept_decode, first_decode)
+    with model.new_sequence() as seq:
+        seq.prefill(PROMPTS[0])
+        np.testing.assert_array_equal(seq.decode(11), kept_decode)
