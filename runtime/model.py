@@ -144,6 +144,8 @@ class Model:
         self.path = path
         self.manifest = manifest
         self.device = device
+        # Host memory is the device's: inputs and logits need no copy.
+        self._on_host = device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
         self.vm = VirtualMachine(library, device)
         self.params = params
         # Converted once: the VM takes the weights as one array, and converting the list costs
@@ -197,16 +199,14 @@ class Model:
     def _tensor(self, array: np.ndarray):
         """``array`` as a tensor on the model's device. On the CPU an aligned host copy is wrapped
         as it is (``tvm.runtime.tensor`` takes tens of microseconds, a decode step's token too)."""
-        if self.device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+        if not self._on_host:
             return tvm.runtime.tensor(array, self.device)
         return tvm.runtime.from_dlpack(_aligned_copy(array))
 
     def _host_array(self, tensor) -> np.ndarray:
         """``tensor`` as a NumPy array: the VM's own buffer on the CPU (the array keeps it alive;
         the VM allocates a new one per call), a copy from other devices."""
-        if self.device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
-            return tensor.numpy()
-        return np.from_dlpack(tensor)
+        return np.from_dlpack(tensor) if self._on_host else tensor.numpy()
 
     @contextlib.contextmanager
     def forward(self, seqs: Seq["Sequence"], lengths: Seq[int], tree: Seq[int] | None = None):

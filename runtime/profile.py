@@ -34,6 +34,8 @@ _KINDS = (("matmul", "matmul"), ("attention", "attention"), ("norm", "norm"), ("
 _ATTENTION_CALL = "vm.builtin.attention_kv_cache_"
 _BOOKKEEPING = "get_query_positions"
 OVERHEAD = "VM and runtime"
+# Untimed decode steps before the timed ones.
+_WARM_UP_STEPS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +73,7 @@ def kind_of(symbol: str, args: tuple, vocab_size: int) -> str:
 
 
 def _activation_width(args: tuple) -> int:
-    """The reduction width of a GEMV: its float activation is the last float tensor before the output."""
+    """The reduction width of a GEMV: its activation is its first (batch, rows, width) float32 input."""
     floats = [a for a in args[:-1] if hasattr(a, "dtype") and str(a.dtype) == "float32" and len(a.shape) == 3]
     return floats[0].shape[-1] if floats else 0
 
@@ -90,7 +92,7 @@ def profile_decode(model: Model, context: int = 128, steps: int = 16, repeats: i
                 token = int(seq.decode(token).argmax())
             return (time.perf_counter() - start) / n
 
-        decode_steps(2)
+        decode_steps(_WARM_UP_STEPS)
         step = statistics.median(decode_steps(steps) for _ in range(repeats))
         calls = _record(model, lambda: decode_steps(1))
         by_kind = defaultdict(list)
@@ -118,7 +120,7 @@ def check_can_profile(model: Model, context: int, steps: int = 16, repeats: int 
 def _tokens_decoded(steps: int, repeats: int) -> int:
     """The tokens a profile appends after its context: warm-up, timed steps, the recorded step and
     attention's replay."""
-    return 2 + steps * repeats + 1 + 1
+    return _WARM_UP_STEPS + steps * repeats + 1 + 1
 
 
 def _record(model: Model, decode_step: Callable[[], float]) -> list[_Call]:
