@@ -258,9 +258,11 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding: bool 
                 state = T.sblock_alloc_buffer((4, lanes), "float32")
                 acc = T.sblock_alloc_buffer((_accumulator_size(lanes, d),), "float32")
                 bounds = T.sblock_alloc_buffer((2, lanes), "int32")
-                b: T.let[T.int32] = task // (h_kv * used)
-                kv: T.let[T.int32] = task // used % h_kv
-                split: T.let[T.int32] = task % used
+                # Truncating division: a floor division by the runtime ``used`` lowers to sign
+                # fix-ups in which LLVM spent 30 s per kernel; task >= 0 and used >= 1.
+                b: T.let[T.int32] = T.truncdiv(task, h_kv * used)
+                kv: T.let[T.int32] = T.truncdiv(task, used) % h_kv
+                split: T.let[T.int32] = T.truncmod(task, used)
                 begin: T.let[T.int32] = page_indptr[b]
                 sinks: T.let[T.int32] = _sinks(length_info, b, sliding)
                 # The keys after the sinks lie at these positions of the sequence's pages.
@@ -340,7 +342,10 @@ def _window_start(length_info, b, sliding: bool):
 def _pages_per_split(first, end, page_size: int, splits):
     """Pages per decode task for the keys at positions ``first`` to ``end`` of the pages: over
     ``splits`` tasks, at least :data:`DECODE_SPLIT_PAGES` (a split's fixed costs outweigh fewer keys)."""
-    return T.max(T.ceildiv(T.ceildiv(end, page_size) - first // page_size, splits), DECODE_SPLIT_PAGES)
+    # ceildiv by truncating division (see decode_attention_cpu); a negative count (no keys)
+    # ends at DECODE_SPLIT_PAGES either way.
+    pages = T.ceildiv(end, page_size) - first // page_size
+    return T.max(T.truncdiv(pages + splits - 1, splits), DECODE_SPLIT_PAGES)
 
 
 def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFunc:
