@@ -280,11 +280,14 @@ def decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding: bool 
                     state[_SUM, r] = 1.0
                     for c in T.serial(d):
                         o[r, c] = 0.0
+                # The split's keys, read back from a buffer: as expressions they made TVM's buffer
+                # compaction take seconds analysing the block's accesses through both ranges.
+                span = T.sblock_alloc_buffer((2,), "int32")
+                span[0] = T.max(first, (first // page_size + split * per_split) * page_size)
+                span[1] = T.min(end, (first // page_size + (split + 1) * per_split) * page_size)
                 if split == 0:
                     _attend_block_range(qt, pages, page_values, begin, kv, 0, sinks, bounds, o, scores, state, acc, group)
-                _attend_block_range(qt, pages, page_values, begin, kv,
-                                    T.max(first, (first // page_size + split * per_split) * page_size),
-                                    T.min(end, (first // page_size + (split + 1) * per_split) * page_size),
+                _attend_block_range(qt, pages, page_values, begin, kv, span[0], span[1],
                                     bounds, o, scores, state, acc, group)
                 for r in T.serial(lanes):
                     partial_state[b, kv, split, 0, r] = state[_MAX, r]
