@@ -65,6 +65,10 @@ class BlockLayout:
     # ``code - code_min`` computed in bytes, where that is cheaper for vector code than
     # narrowing ``code`` (the integer kernels' form; None: from ``code``).
     unsigned_code: Callable[[Buffers, object, object, int | object], object] | None = None
+    # For 4-bit layouts whose 64 consecutive weights are 32 consecutive bytes of ``qs`` (two
+    # codes a byte): the weight (0..63) in the low (``high`` 0) or high nibble of byte 0..31. The
+    # 16-bit integer kernels then take the codes from 16-bit words of those bytes (None: no such form).
+    nibble_weight: Callable[[int, int], int] | None = None
 
     def component_of(self, dtype: str, width: int, k: int) -> Component | None:
         """The component stored as ``[rows, width]`` of ``dtype`` for rows of ``k`` weights."""
@@ -90,6 +94,13 @@ class BlockLayout:
         if self.unsigned_code is not None:
             return self.unsigned_code(c, j, b, e)
         return (self.code(c, j, b, e) - self.code_min).astype("uint8")
+
+    def nibble_words(self) -> list[list[int]] | None:
+        """For :attr:`nibble_weight` layouts: the weight (0..63) in lane ``i`` of ``(word >> 4 *
+        n) & 15`` over the 16 uint16 words of 64 weights' bytes, as ``[n][i]``."""
+        if self.nibble_weight is None:
+            return None
+        return [[self.nibble_weight(2 * i + n // 2, n % 2) for i in range(16)] for n in range(4)]
 
     def value(self, c: Buffers, j, column):
         """The float32 weight at ``[j, column]`` (a TIR expression)."""
@@ -160,6 +171,11 @@ def _low_high_nibble(c: Buffers, j, b, e):
     return _nibble(c["qs"][j, b * 16 + e % 16], (e // 16) * 4)
 
 
+def _block_of_32_nibble(byte: int, high: int) -> int:
+    # Two blocks of 16 bytes; byte t of a block holds its weights t (low) and t + 16 (high).
+    return byte // 16 * 32 + byte % 16 + 16 * high
+
+
 Q4_0 = BlockLayout(
     "Q4_0", block=32, sub=32, type_size=18,
     components=(Component("d", "float16", 1), Component("qs", "uint8", 16)),
@@ -167,7 +183,7 @@ Q4_0 = BlockLayout(
     join_block=lambda p: _concat(p["d"], p["qs"]),
     code=lambda c, j, b, e: _low_high_nibble(c, j, b, e) - 8,
     scale=lambda c, j, b, s: _half(c["d"][j, b]),
-    code_min=-8,
+    code_min=-8, nibble_weight=_block_of_32_nibble,
 )
 
 Q4_1 = BlockLayout(
@@ -178,6 +194,7 @@ Q4_1 = BlockLayout(
     code=_low_high_nibble,
     scale=lambda c, j, b, s: _half_of(c["dm"][j, b], 0),
     offset=lambda c, j, b, s: _half_of(c["dm"][j, b], 1),
+    nibble_weight=_block_of_32_nibble,
 )
 
 
@@ -282,6 +299,8 @@ Q4_K = BlockLayout(
     code=_k_nibble,
     scale=_k_scale,
     offset=_k_offset,
+    # 32 bytes hold 64 weights: low nibbles 0..31, high nibbles 32..63.
+    nibble_weight=lambda byte, high: byte + 32 * high,
 )
 
 

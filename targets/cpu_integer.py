@@ -153,7 +153,13 @@ def block_gemv_integer_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tup
     :data:`_GROUP` runs are transposed into one vector (a lane per run, :func:`_lane_sums`), so
     that the runs' scales, offsets and activation scales meet them as vectors: one conversion
     and two multiply-adds per group instead of per run. Output rows go in parallel blocks; each
-    row prefetches the one :data:`_PREFETCH_ROWS` ahead."""
+    row prefetches the one :data:`_PREFETCH_ROWS` ahead.
+
+    At 16 bits, 4-bit layouts with a nibble form (``BlockLayout.nibble_weight``) take their codes
+    from 16-bit words instead: ``(word >> 4 n) & 15`` is a vector of 16 codes ready for
+    ``vpmaddwd``, four per 32 bytes of codes (:func:`_nibble_word_sums`), where widening bytes
+    costs a shift, two masks and two widenings per 32 codes; the activations are permuted once
+    per call to the codes' order."""
     run = _run_of(layout)
     span = _GROUP * run  # columns per group
     # Groups per loop step: a whole block when it holds several groups (constant code offsets).
@@ -164,7 +170,10 @@ def block_gemv_integer_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tup
         with IB.prim_func(s_tir=True):
             x_row, weight, out_row, added_row = block_kernel_params("block_gemv_integer", layout, n, k, shapes,
                                                                     residual)
-            rounded = _rounded_row(x_row, k, run, layout, bits)
+            nibbles = layout.nibble_words() if bits == 16 and k % _NIBBLE_SPAN == 0 else None
+            rounded = _rounded_row(x_row, k, run, layout, bits, nibbles)
+            words = (IB.decl_buffer((n, int(weight["qs"].shape[1]) // 2), "uint16", data=weight["qs"].data)
+                     if nibbles else None)
             with IB.parallel(0, n // rows) as task:
                 with IB.sblock("gemv"):
                     IB.reads([*(b[0:b.shape[0]] for b in rounded.buffers()),
@@ -175,7 +184,8 @@ def block_gemv_integer_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tup
                                             IB.sblock_alloc_buffer((_GROUP,), "float32"),
                                             IB.sblock_alloc_buffer((_GROUP,), "float32"),
                                             IB.sblock_alloc_buffer((_GROUP,), "float32"))
-                    group = functools.partial(_group_of_runs, layout, dot, bits, weight, rounded, scratch)
+                    group = functools.partial(_group_of_runs, layout, dot, bits, weight, rounded, scratch,
+                                              _NibbleWords(words, nibbles) if nibbles else None)
                     with IB.serial(0, rows) as r:
                         j = task * rows + r
                         _prefetch_row(weight.values(), tirx.min(j + _PREFETCH_ROWS, n - 1))
@@ -202,9 +212,11 @@ class _RoundedRow:
     dx: object
     starts: object
     sums: object
+    # qx in the order of a nibble form's codes (None without one).
+    qx_nibbles: object = None
 
     def buffers(self) -> list:
-        return [b for b in (self.qx, self.dx, self.starts, self.sums) if b is not None]
+        return [b for b in (self.qx, self.dx, self.starts, self.sums, self.qx_nibbles) if b is not None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,8 +229,9 @@ class _GroupScratch:
     acc: object
 
 
-def _rounded_row(x_row, k: int, run: int, layout: BlockLayout, bits: int) -> _RoundedRow:
-    """``x_row`` rounded once per call (:func:`_round_block`), with its per-run sums."""
+def _rounded_row(x_row, k: int, run: int, layout: BlockLayout, bits: int, nibbles) -> _RoundedRow:
+    """``x_row`` rounded once per call (:func:`_round_block`), with its per-run sums (and in the
+    order of ``nibbles``, ``BlockLayout.nibble_words``, where given)."""
     runs = -(-k // run // _GROUP) * _GROUP
     qx = IB.alloc_buffer((k,), f"int{bits}")
     dx = IB.alloc_buffer((k // X_BLOCK,), "float32")
@@ -239,26 +252,43 @@ def _rounded_row(x_row, k: int, run: int, layout: BlockLayout, bits: int) -> _Ro
             # The offsets meet the rounded activations too, so that each weight is multiplied by the
             # same rounded x (as in llama.cpp; rounding errors then meet w, not the larger scale * code).
             IB.buffer_store(sums, total[0].astype("float32") * dx[tirx.min(u * run, k - 1) // X_BLOCK], [u])
-    return _RoundedRow(qx, dx, starts, sums)
+    return _RoundedRow(qx, dx, starts, sums, _in_nibble_order(qx, k, nibbles) if nibbles else None)
 
 
-def _group_of_runs(layout, dot, bits: int, weight, rounded: _RoundedRow, scratch: _GroupScratch, j, first,
-                   count: int) -> None:
+# Weights whose codes are 16 words of one nibble form (BlockLayout.nibble_weight): two runs of 32.
+_NIBBLE_SPAN = 64
+
+
+def _in_nibble_order(qx, k: int, nibbles: list[list[int]]):
+    """``qx`` permuted per :data:`_NIBBLE_SPAN` weights so that lane ``i`` of nibble ``n`` meets
+    its activation at ``16 n + i``."""
+    permuted = IB.alloc_buffer((k,), qx.dtype)
+    with IB.serial(0, k // _NIBBLE_SPAN) as p:
+        for n, weights in enumerate(nibbles):
+            for i, w in enumerate(weights):
+                IB.buffer_store(permuted, qx[p * _NIBBLE_SPAN + w], [p * _NIBBLE_SPAN + 16 * n + i])
+    return permuted
+
+
+@dataclasses.dataclass(frozen=True)
+class _NibbleWords:
+    """The codes as uint16 words (``[rows, bytes / 2]``) and their nibble form's weights."""
+
+    words: object
+    nibbles: list[list[int]]
+
+    def halves(self) -> bool:
+        """Whether each nibble's first 8 lanes are the first run and its last 8 the second (Q4_0,
+        Q4_1), rather than each nibble being within one run (Q4_K)."""
+        return all(w // 32 == i // 8 for weights in self.nibbles for i, w in enumerate(weights))
+
+
+def _group_of_runs(layout, dot, bits: int, weight, rounded: _RoundedRow, scratch: _GroupScratch,
+                   nibble_words: "_NibbleWords | None", j, first, count: int) -> None:
     """``acc += sum(qx * code) * scale * dx (+ offset * sum(qx * dx))`` for ``count`` runs of row
     ``j`` from column ``first``, one lane per run."""
     run = _run_of(layout)
-    sums = []
-    for u in range(count):
-        column = first + u * run
-        block, e0 = column // layout.block, column % layout.block
-        for piece in range(run // _PIECE):
-            with IB.vectorized(0, _PIECE) as lane:
-                code = layout.code_byte(weight, j, block, e0 + piece * _PIECE + lane)
-                IB.buffer_store(scratch.codes, code, [u * run + piece * _PIECE + lane])
-        sums.append(dot(tirx.Broadcast(tirx.const(0, "int32"), run // 4), scratch.codes, u * run, rounded.qx,
-                        column, run, bits))
-    zero = tirx.Broadcast(tirx.const(0, "int32"), run // 4)
-    summed = _lane_sums(sums + [zero] * (_GROUP - count), run // 4)
+    summed = _group_sums(layout, dot, bits, weight, rounded, scratch, nibble_words, j, first, count)
     first_run = first // run
     if rounded.starts is not None:
         summed = summed + rounded.starts.vload([first_run], f"int32x{_GROUP}")
@@ -278,6 +308,61 @@ def _group_of_runs(layout, dot, bits: int, weight, rounded: _RoundedRow, scratch
     _store(scratch.acc, 0, total, _GROUP)
 
 
+def _group_sums(layout, dot, bits: int, weight, rounded: _RoundedRow, scratch: _GroupScratch,
+                nibble_words: "_NibbleWords | None", j, first, count: int):
+    """``sum(qx * (code - code_min))`` of ``count`` runs of row ``j`` from column ``first``, as
+    one int32 vector of :data:`_GROUP` lanes, a lane per run."""
+    run = _run_of(layout)
+    zero = tirx.Broadcast(tirx.const(0, "int32"), run // 4)
+    if nibble_words is None:
+        sums = [_byte_code_sum(layout, dot, bits, weight, rounded, scratch, j, first, u) for u in range(count)]
+    else:
+        sums = [v for u in range(0, count, 2)
+                for v in _nibble_word_sums(dot, nibble_words, rounded.qx_nibbles, j, first + u * run)]
+    if nibble_words is not None and nibble_words.halves():
+        return _lane_sums_of_halves(sums + [zero] * ((_GROUP - count) // 2))
+    return _lane_sums(sums + [zero] * (_GROUP - count), run // 4)
+
+
+def _byte_code_sum(layout, dot, bits: int, weight, rounded: _RoundedRow, scratch: _GroupScratch, j, first, u: int):
+    """Run ``u`` of the group from column ``first``: its codes as bytes (16 at a time) times its
+    activations, as int32 lanes."""
+    run = _run_of(layout)
+    column = first + u * run
+    block, e0 = column // layout.block, column % layout.block
+    for piece in range(run // _PIECE):
+        with IB.vectorized(0, _PIECE) as lane:
+            code = layout.code_byte(weight, j, block, e0 + piece * _PIECE + lane)
+            IB.buffer_store(scratch.codes, code, [u * run + piece * _PIECE + lane])
+    return dot(tirx.Broadcast(tirx.const(0, "int32"), run // 4), scratch.codes, u * run, rounded.qx, column, run,
+               bits)
+
+
+def _nibble_word_sums(dot, nibble_words: _NibbleWords, qx_nibbles, j, column) -> list:
+    """The two runs of the :data:`_NIBBLE_SPAN` weights of row ``j`` from ``column``, from their
+    16 words: one int32x8 holding both in its halves, or one int32x8 per run."""
+    words = nibble_words.words.vload([j, column // 4], "uint16x16")
+    products = []
+    for n in range(4):
+        shifted = tirx.shift_right(words, tirx.Broadcast(tirx.const(4 * n, "uint16"), 16)) if n else words
+        codes = tirx.bitwise_and(shifted, tirx.Broadcast(tirx.const(15, "uint16"), 16))
+        x = qx_nibbles.vload([column + 16 * n], "int16x16")
+        products.append(dot.multiply(tirx.Broadcast(tirx.const(0, "int32"), 8), tirx.reinterpret("int16x16", codes),
+                                     x, 16, 8))
+    if nibble_words.halves():
+        return [products[0] + products[1] + products[2] + products[3]]
+    runs = [[p for p, weights in zip(products, nibble_words.nibbles) if weights[0] // 32 == r] for r in range(2)]
+    return [a + b for a, b in runs]
+
+
+def _lane_sums_of_halves(vectors: list):
+    """``[sum of each half of v for v in vectors]`` in run order: ``vectors`` are 4 int32x8
+    holding two runs each, the first in lanes 0-3 (:func:`_nibble_word_sums`)."""
+    # Runs 0, 2, 4, 6 in the low half, 1, 3, 5, 7 in the high one.
+    crossed = _add_pairs(_add_pairs(vectors, 8, 1), 8, 2)[0]
+    return tirx.Shuffle([crossed], [0, 4, 1, 5, 2, 6, 3, 7])
+
+
 # Shuffles of two vectors ``a || b`` (lanes of ``a`` first) that interleave within 128-bit halves.
 def _interleave(lanes: int, width: int, high: bool) -> list[int]:
     """Indices of ``unpack{lo,hi}`` of ``width``-lane units: per 4-lane half, alternate units of ``a`` and ``b``."""
@@ -290,15 +375,18 @@ def _interleave(lanes: int, width: int, high: bool) -> list[int]:
     return out
 
 
+def _add_pairs(vectors: list, lanes: int, width: int) -> list:
+    """Vectors 0 and 1, 2 and 3, … interleaved by units of ``width`` lanes within 128-bit halves
+    and added: half as many vectors, each unit a sum of two."""
+    return [tirx.Shuffle([a, b], _interleave(lanes, width, False))
+            + tirx.Shuffle([a, b], _interleave(lanes, width, True)) for a, b in zip(vectors[0::2], vectors[1::2])]
+
+
 def _lane_sums(vectors: list, lanes: int):
     """``[sum(v) for v in vectors]`` as one vector of :data:`_GROUP` int32 lanes, ``vectors``
     being :data:`_GROUP` int32 vectors of ``lanes`` (8 or 4): a transpose by in-half interleaves
     (``vpunpck*``, one instruction each) with adds, ~2.6 instructions per vector."""
-    def add_pairs(vs, width):
-        return [tirx.Shuffle([a, b], _interleave(lanes, width, False))
-                + tirx.Shuffle([a, b], _interleave(lanes, width, True)) for a, b in zip(vs[0::2], vs[1::2])]
-
-    quads = add_pairs(add_pairs(vectors, 1), 2)  # each: 4 vectors' sums per 128-bit half
+    quads = _add_pairs(_add_pairs(vectors, lanes, 1), lanes, 2)  # each: 4 vectors' sums per 128-bit half
     if lanes == 4:
         return tirx.Shuffle(quads, list(range(8)))
     low, high = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]

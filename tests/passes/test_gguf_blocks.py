@@ -121,3 +121,25 @@ def test_dequantize_op_is_annotated_with_its_layout():
 
     mod, _ = Weight().export_tvm({"forward": {"x": nn.spec.Tensor((1, 64), "float32")}})
     assert '"gguf_type": "Q4_0"' in mod.script()
+
+
+@pytest.mark.parametrize("name", sorted(n for n, layout in LAYOUTS.items() if layout.nibble_weight))
+def test_nibble_words_hold_the_layouts_codes(name):
+    """The 16-bit integer kernels read 4-bit codes as ``(word >> 4 n) & 15`` of the uint16 words
+    over each 64 weights' 32 bytes (BlockLayout.nibble_words): each lane is the code, less
+    code_min, that the layout's own ``code`` gives the weight it names."""
+    layout = LAYOUTS[name]
+    raw = random_blocks(layout, ROWS, COLS, seed=3)
+    parts = layout.split(raw)
+    placeholders = {c.name: te.placeholder(parts[c.name].shape, c.dtype, name=c.name) for c in layout.components}
+    codes = te.compute((ROWS, COLS), lambda j, col: layout.code_byte(placeholders, j, col // layout.block,
+                                                                     col % layout.block), name="codes")
+    lib = tvm.compile(te.create_prim_func([*placeholders.values(), codes]), targets.resolve("llvm").target)
+    result = tvm.runtime.empty((ROWS, COLS), "uint8", tvm.cpu())
+    lib(*[tvm.runtime.tensor(parts[c.name], tvm.cpu()) for c in layout.components], result)
+    expected = result.numpy().reshape(ROWS, -1, 64)
+    words = parts["qs"].reshape(ROWS, -1, 32).copy().view("<u2")
+    nibbles = layout.nibble_words()
+    assert sorted(w for weights in nibbles for w in weights) == list(range(64))
+    for n, weights in enumerate(nibbles):
+        assert np.array_equal((words >> (4 * n)) & 15, expected[..., weights])

@@ -107,6 +107,26 @@ def test_decode_over_a_partial_group_of_runs(name, bits):
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("k", [640, 608], ids=["whole", "odd-runs"])
+@pytest.mark.parametrize("name", sorted(n for n, lay in LAYOUTS.items() if lay.nibble_weight and lay.block == 32))
+def test_decode_reads_nibbles_as_words_where_runs_pair_up(name, k):
+    """At 16 bits the 4-bit layouts with a nibble form read their codes as uint16 words, two runs
+    at a time; a row of an odd number of runs (608 columns) reads bytes, and both match."""
+    target, layout = resolve("llvm").target, LAYOUTS[name]
+    if not has_integer_dots(target):
+        pytest.skip("this CPU has no integer dot products")
+    replacement = replacement_by(BlockMatmul(16), block_matmul(layout, 1, False, k), target, "gemv")
+    words = 'qs.view("uint16")'
+    assert (words in replacement.script()) == (k % 64 == 0)
+    assert words not in replacement_by(BlockMatmul(8), block_matmul(layout, 1, False, k), target, "gemv").script()
+    raw = random_blocks(layout, OUT, k, seed=10)
+    x = np.random.default_rng(11).standard_normal((1, 1, k), dtype="float32")
+    actual = run(replacement, target, [layout.split(raw)[c.name] for c in layout.components] + [x], (1, 1, OUT))
+    weights = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name]).astype(np.float64)
+    expected = rounded(x, 16) @ weights.T
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 def test_integer_activations_only_when_asked():
     from tvm import tirx
 
