@@ -69,6 +69,8 @@ class BlockLayout:
     # codes a byte): the weight (0..63) in the low (``high`` 0) or high nibble of byte 0..31. The
     # 16-bit integer kernels then take the codes from 16-bit words of those bytes (None: no such form).
     nibble_weight: Callable[[int, int], int] | None = None
+    # With a nibble form: the uint32-per-block component whose bit ``e`` is bit 4 of weight ``e``'s code.
+    fifth_bits: str | None = None
 
     def component_of(self, dtype: str, width: int, k: int) -> Component | None:
         """The component stored as ``[rows, width]`` of ``dtype`` for rows of ``k`` weights."""
@@ -221,6 +223,7 @@ Q5_0 = BlockLayout(
     code=_q5_0_code,
     scale=lambda c, j, b, s: _half(c["d"][j, b]),
     code_bits=5, code_min=-16, unsigned_code=_q5_0_unsigned_code,
+    nibble_weight=_block_of_32_nibble, fifth_bits="qh",
 )
 
 Q8_0 = BlockLayout(

@@ -172,8 +172,7 @@ def block_gemv_integer_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tup
                                                                     residual)
             nibbles = layout.nibble_words() if bits == 16 and k % _NIBBLE_SPAN == 0 else None
             rounded = _rounded_row(x_row, k, run, layout, bits, nibbles)
-            words = (IB.decl_buffer((n, int(weight["qs"].shape[1]) // 2), "uint16", data=weight["qs"].data)
-                     if nibbles else None)
+            words = _NibbleWords.of(layout, weight, nibbles) if nibbles else None
             with IB.parallel(0, n // rows) as task:
                 with IB.sblock("gemv"):
                     IB.reads([*(b[0:b.shape[0]] for b in rounded.buffers()),
@@ -184,8 +183,7 @@ def block_gemv_integer_cpu(layout: BlockLayout, n: int, k: int, shapes: list[tup
                                             IB.sblock_alloc_buffer((_GROUP,), "float32"),
                                             IB.sblock_alloc_buffer((_GROUP,), "float32"),
                                             IB.sblock_alloc_buffer((_GROUP,), "float32"))
-                    group = functools.partial(_group_of_runs, layout, dot, bits, weight, rounded, scratch,
-                                              _NibbleWords(words, nibbles) if nibbles else None)
+                    group = functools.partial(_group_of_runs, layout, dot, bits, weight, rounded, scratch, words)
                     with IB.serial(0, rows) as r:
                         j = task * rows + r
                         _prefetch_row(weight.values(), tirx.min(j + _PREFETCH_ROWS, n - 1))
@@ -272,10 +270,23 @@ def _in_nibble_order(qx, k: int, nibbles: list[list[int]]):
 
 @dataclasses.dataclass(frozen=True)
 class _NibbleWords:
-    """The codes as uint16 words (``[rows, bytes / 2]``) and their nibble form's weights."""
+    """The codes as uint16 words (``[rows, bytes / 2]``), their nibble form's weights and, for
+    5-bit codes, the bytes of the words that hold the fifth bits (``BlockLayout.fifth_bits``)."""
 
     words: object
     nibbles: list[list[int]]
+    fifth_bits: object = None
+
+    @staticmethod
+    def of(layout: BlockLayout, weight: dict, nibbles: list[list[int]]) -> "_NibbleWords":
+        """Views of ``weight``'s components for ``layout``'s nibble form."""
+        codes = weight["qs"]
+        words = IB.decl_buffer((codes.shape[0], int(codes.shape[1]) // 2), "uint16", data=codes.data)
+        if layout.fifth_bits is None:
+            return _NibbleWords(words, nibbles)
+        bits = weight[layout.fifth_bits]
+        return _NibbleWords(words, nibbles,
+                            IB.decl_buffer((bits.shape[0], int(bits.shape[1]) * 4), "uint8", data=bits.data))
 
     def halves(self) -> bool:
         """Whether each nibble's first 8 lanes are the first run and its last 8 the second (Q4_0,
@@ -346,6 +357,8 @@ def _nibble_word_sums(dot, nibble_words: _NibbleWords, qx_nibbles, j, column) ->
     for n in range(4):
         shifted = tirx.shift_right(words, tirx.Broadcast(tirx.const(4 * n, "uint16"), 16)) if n else words
         codes = tirx.bitwise_and(shifted, tirx.Broadcast(tirx.const(15, "uint16"), 16))
+        if nibble_words.fifth_bits is not None:
+            codes = tirx.bitwise_or(codes, _fifth_bits(nibble_words, j, column, n))
         x = qx_nibbles.vload([column + 16 * n], "int16x16")
         products.append(dot.multiply(tirx.Broadcast(tirx.const(0, "int32"), 8), tirx.reinterpret("int16x16", codes),
                                      x, 16, 8))
@@ -353,6 +366,22 @@ def _nibble_word_sums(dot, nibble_words: _NibbleWords, qx_nibbles, j, column) ->
         return [products[0] + products[1] + products[2] + products[3]]
     runs = [[p for p, weights in zip(products, nibble_words.nibbles) if weights[0] // 32 == r] for r in range(2)]
     return [a + b for a, b in runs]
+
+
+def _fifth_bits(nibble_words: _NibbleWords, j, column, n: int):
+    """16 where bit 4 of the code in lane ``i`` of nibble ``n`` is set, else 0 (uint16x16): the
+    two blocks' 32-bit words of fifth bits, 8 bytes, spread so that each lane holds the 16 of
+    them that contain its bit, then tested with a constant mask per lane."""
+    both = nibble_words.fifth_bits.vload([j, column // 32 * 4], "uint8x8")
+    spread, masks = [], []
+    for weight in nibble_words.nibbles[n]:
+        block, bit = divmod(weight, 32)
+        spread += [4 * block + 2 * (bit // 16), 4 * block + 2 * (bit // 16) + 1]
+        masks.append(tirx.const(1 << bit % 16, "uint16"))
+    held = tirx.reinterpret("uint16x16", tirx.Shuffle([both] * 4, spread))  # a Shuffle cannot widen
+    mask = tirx.Shuffle(masks, list(range(16)))  # a constant vector
+    return tirx.Select(tirx.bitwise_and(held, mask) == mask, tirx.Broadcast(tirx.const(16, "uint16"), 16),
+                       tirx.Broadcast(tirx.const(0, "uint16"), 16))
 
 
 def _lane_sums_of_halves(vectors: list):

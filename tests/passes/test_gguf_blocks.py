@@ -126,8 +126,9 @@ def test_dequantize_op_is_annotated_with_its_layout():
 @pytest.mark.parametrize("name", sorted(n for n, layout in LAYOUTS.items() if layout.nibble_weight))
 def test_nibble_words_hold_the_layouts_codes(name):
     """The 16-bit integer kernels read 4-bit codes as ``(word >> 4 n) & 15`` of the uint16 words
-    over each 64 weights' 32 bytes (BlockLayout.nibble_words): each lane is the code, less
-    code_min, that the layout's own ``code`` gives the weight it names."""
+    over each 64 weights' 32 bytes (BlockLayout.nibble_words), and Q5_0's fifth bit from bit
+    ``e`` of its block's ``qh``: each lane is the code, less code_min, that the layout's own
+    ``code`` gives the weight it names."""
     layout = LAYOUTS[name]
     raw = random_blocks(layout, ROWS, COLS, seed=3)
     parts = layout.split(raw)
@@ -141,5 +142,9 @@ def test_nibble_words_hold_the_layouts_codes(name):
     words = parts["qs"].reshape(ROWS, -1, 32).copy().view("<u2")
     nibbles = layout.nibble_words()
     assert sorted(w for weights in nibbles for w in weights) == list(range(64))
+    fifth = np.zeros((ROWS, COLS // 64, 64), np.uint16)
+    if layout.fifth_bits:
+        bits = parts[layout.fifth_bits].astype(np.uint32).reshape(ROWS, -1, 1)  # a word per block of 32
+        fifth = ((bits >> np.arange(32, dtype=np.uint32)) & 1).reshape(ROWS, -1, 64).astype(np.uint16) * 16
     for n, weights in enumerate(nibbles):
-        assert np.array_equal((words >> (4 * n)) & 15, expected[..., weights])
+        assert np.array_equal(((words >> (4 * n)) & 15) | fifth[..., weights], expected[..., weights])
