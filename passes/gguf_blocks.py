@@ -65,8 +65,8 @@ class BlockLayout:
     # ``code - code_min`` computed in bytes, where that is cheaper for vector code than
     # narrowing ``code`` (the integer kernels' form; None: from ``code``).
     unsigned_code: Callable[[Buffers, object, object, int | object], object] | None = None
-    # For 4-bit layouts whose 64 consecutive weights are 32 consecutive bytes of ``qs`` (two
-    # codes a byte): the weight (0..63) in the low (``high`` 0) or high nibble of byte 0..31. The
+    # For layouts whose codes' low 4 bits are nibbles, 64 consecutive weights in 32 consecutive
+    # bytes of ``qs``: the weight (0..63) in the low (``high`` 0) or high nibble of byte 0..31. The
     # 16-bit integer kernels then take the codes from 16-bit words of those bytes (None: no such form).
     nibble_weight: Callable[[int, int], int] | None = None
     # With a nibble form: the uint32-per-block component whose bit ``e`` is bit 4 of weight ``e``'s code.
